@@ -1,0 +1,247 @@
+"""Command line: argument parsing only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+
+from dfkd import __version__
+from dfkd.errors import DfkdError
+
+S = argparse.SUPPRESS  # options left out keep the config's (or --config file's) value
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected C,H,W like 3,32,32, got '{text}'")
+    return shape
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.strip(), value.strip()
+
+
+def _add_model_source(p: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    p.add_argument(flag, required=True, help=help_text)
+    p.add_argument("--arch", default=S, help="architecture: a zoo name or package.module:factory "
+                   "(needed when the weights do not say)")
+    p.add_argument("--input-shape", type=_shape, default=S, metavar="C,H,W",
+                   help="input shape, for weights that carry no spec")
+    p.add_argument("--mean", type=_floats, default=S, help="normalization mean (one or per channel)")
+    p.add_argument("--std", type=_floats, default=S, help="normalization std (one or per channel)")
+    p.add_argument("--num-classes", type=int, default=S, help="number of classes (else inferred)")
+
+
+def _teacher_args(args, flag: str):
+    from dfkd.config import TeacherArgs
+
+    return TeacherArgs(path=getattr(args, flag), arch=getattr(args, "arch", None),
+                       input_shape=getattr(args, "input_shape", None),
+                       mean=getattr(args, "mean", None), std=getattr(args, "std", None),
+                       num_classes=getattr(args, "num_classes", None))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    p.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dfkd.data import DATASETS
+
+    parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
+                                     "a student from a teacher, without the teacher's data.")
+    parser.add_argument("--version", action="version", version=f"dfkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="offline demo on scikit-learn's digits, end to end")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--budget", default="60s", help="distillation budget (default 60s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("methods", help="list the synthesis methods")
+    sub.add_parser("models", help="list the model zoo")
+
+    p = sub.add_parser("train-teacher", help="train a teacher with supervision")
+    p.add_argument("--dataset", default=S, choices=DATASETS)
+    p.add_argument("--model", default=S, help="zoo name or package.module:factory")
+    p.add_argument("--out", default=S)
+    p.add_argument("--data-root", default=S)
+    p.add_argument("--epochs", type=int, default=S)
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=S)
+    p.add_argument("--input-shape", type=_shape, default=S, metavar="C,H,W")
+    _common(p)
+
+    p = sub.add_parser("distill", help="distill a student from a teacher without data")
+    _add_model_source(p, "--teacher", "teacher: run directory, .safetensors or state-dict file")
+    p.add_argument("--method", default=S, help="synthesis method (see `dfkd methods`)")
+    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
+                   metavar="KEY=VALUE", help="a method option, e.g. --set steps=500 (repeatable)")
+    p.add_argument("--student", default=S, help="zoo name or package.module:factory")
+    p.add_argument("--out", default=S)
+    p.add_argument("--budget", default=S, help="wall clock (90s, 10m, 1h) or steps (2000steps)")
+    p.add_argument("--eval-dataset", default=S, help="report-only evaluation data; 'none' for "
+                   "none (default: the teacher's training dataset if recorded)")
+    p.add_argument("--data-root", default=S)
+    p.add_argument("--transfer-set", default=S, help="train on a set from `dfkd synthesize`")
+    p.add_argument("--temperature", type=float, default=S)
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
+    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--steps-per-round", type=int, default=S,
+                   help="student steps between synthesis rounds (transfer-set methods)")
+    p.add_argument("--eval-points", type=int, default=S)
+    _common(p)
+
+    p = sub.add_parser("synthesize", help="write a transfer set for later distillation")
+    _add_model_source(p, "--teacher", "teacher: run directory, .safetensors or state-dict file")
+    p.add_argument("--method", default=S)
+    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
+                   metavar="KEY=VALUE")
+    p.add_argument("--num", type=int, default=S, help="number of samples (default 10000)")
+    p.add_argument("--out", default=S)
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
+    _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
+    p.add_argument("--dataset", default=None, help="default: the dataset the model records")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--teacher", default=None, help="also report agreement with this teacher")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _config(cls, args, flags: dict):
+    """A config from --config (if any), then the flags the user actually gave."""
+    from dfkd.config import load_config
+
+    cfg = load_config(cls, args.config) if getattr(args, "config", None) else cls()
+    return dataclasses.replace(cfg, **flags)
+
+
+def _flags(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = "dfkd " + shlex.join(argv)
+    progress = not getattr(args, "no_progress", False)
+    if args.command == "quickstart":
+        from dfkd.quickstart import quickstart
+
+        quickstart(args.out, args.budget, args.seed, progress)
+    elif args.command == "methods":
+        from dfkd.synthesis import list_methods, method_class
+
+        for name, doc in list_methods().items():
+            print(f"{name:<10} {method_class(name).family:<13} {doc}")
+    elif args.command == "models":
+        from dfkd.models import list_models
+
+        for kind in ("classifier", "generator"):
+            print(f"{kind}s: {', '.join(list_models(kind))}")
+    elif args.command == "train-teacher":
+        from dfkd.train import TeacherConfig, train_teacher
+
+        cfg = _config(TeacherConfig, args, _flags(args, (
+            "dataset", "model", "out", "data_root", "epochs", "batch_size", "lr", "optimizer",
+            "input_shape", "seed", "device")))
+        report = train_teacher(cfg, resume=args.resume, progress=progress, command=command)
+        print(f"teacher {report['model']} on {report['dataset']}: test accuracy "
+              f"{100 * report['test_acc']:.2f}% -> {cfg.out}")
+    elif args.command == "distill":
+        from dfkd.config import DistillConfig
+        from dfkd.distill import distill
+
+        flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
+                              "transfer_set", "temperature", "batch_size", "optimizer", "lr",
+                              "steps_per_round", "eval_points", "seed", "device"))
+        flags["teacher"] = _teacher_args(args, "teacher")
+        if hasattr(args, "method_options"):
+            flags["method_options"] = dict(args.method_options)
+        cfg = _config(DistillConfig, args, flags)
+        r = distill(cfg, resume=args.resume, progress=progress, command=command)
+        print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
+              f"{_pct(r['teacher_acc'])}) -> {cfg.out}")
+    elif args.command == "synthesize":
+        from dfkd.synthesize import SynthesizeConfig, synthesize_set
+
+        flags = _flags(args, ("method", "num", "out", "seed", "device"))
+        flags["teacher"] = _teacher_args(args, "teacher")
+        if hasattr(args, "method_options"):
+            flags["method_options"] = dict(args.method_options)
+        cfg = _config(SynthesizeConfig, args, flags)
+        meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
+        print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s -> {cfg.out}")
+    elif args.command == "evaluate":
+        _evaluate(args)
+    return 0
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _evaluate(args) -> None:
+    from dfkd.evaluate import load_eval_data, metrics, predict_logits
+
+    model = _teacher_args(args, "model").load()
+    dataset = args.dataset or model.spec.dataset
+    if not dataset:
+        raise DfkdError("the model does not record its dataset; pass --dataset NAME")
+    data = load_eval_data(dataset, model, args.data_root, args.split)
+    ref = None
+    if args.teacher:
+        from dfkd.config import TeacherArgs
+
+        ref = predict_logits(TeacherArgs(path=args.teacher).load(), data.x)
+    result = {"dataset": dataset, "split": args.split, "samples": len(data.y),
+              **metrics(predict_logits(model, data.x), data.y, ref)}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.model} on {dataset}/{args.split} ({len(data.y)} images): accuracy "
+          f"{100 * result['acc']:.2f}%, ECE {result['ece']:.4f}" +
+          (f", agreement with teacher {100 * result['agreement']:.2f}%" if ref is not None else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except DfkdError as e:
+        print(f"dfkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndfkd: interrupted; rerun the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Run configurations as dataclasses, saved to config.yaml so any run can be rerun exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dfkd.errors import DfkdError
+from dfkd.io import write_text
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long the student trains: wall-clock seconds (`90s`, `10m`, `1h`) or `N` steps."""
+
+    seconds: float | None = None
+    steps: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | int) -> Budget:
+        text = str(text).strip().lower()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)", text)
+        if m:
+            return cls(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        m = re.fullmatch(r"(\d+)\s*(steps?)?", text)
+        if m:
+            return cls(steps=int(m.group(1)))
+        raise DfkdError(f"cannot read budget '{text}'; use wall clock like 90s, 10m, 1h or steps "
+                        "like 500steps")
+
+    def progress(self, step: int, seconds: float) -> float:
+        """Fraction of the budget used, in [0, 1]."""
+        p = step / self.steps if self.steps is not None else seconds / self.seconds
+        return min(max(p, 0.0), 1.0)
+
+    def done(self, step: int, seconds: float) -> bool:
+        return self.progress(step, seconds) >= 1.0
+
+
+@dataclass
+class TeacherArgs:
+    """Where the teacher comes from; the spec flags are for weights that carry no spec."""
+
+    path: str = ""
+    arch: str | None = None
+    input_shape: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    num_classes: int | None = None
+
+    def load(self):
+        from dfkd.teacher import load_classifier
+
+        return load_classifier(self.path, arch=self.arch,
+                               input_shape=tuple(self.input_shape) if self.input_shape else None,
+                               mean=tuple(self.mean) if self.mean else None,
+                               std=tuple(self.std) if self.std else None,
+                               num_classes=self.num_classes)
+
+
+@dataclass
+class DistillConfig:
+    """Everything `dfkd distill` needs; config.yaml is this dataclass."""
+
+    teacher: TeacherArgs = field(default_factory=TeacherArgs)
+    method: str = "deepinv"
+    method_options: dict = field(default_factory=dict)
+    student: str = "lenet5_half"
+    out: str = "runs/distill"
+    budget: str = "5m"
+    seed: int = 0
+    device: str = "auto"
+    eval_dataset: str | None = None  # None: the teacher's training dataset if known; "none": off
+    data_root: str | None = None
+    eval_points: int = 10  # evaluations spread evenly over the budget (reporting only)
+    transfer_set: str | None = None  # train on a saved set instead of synthesizing
+    temperature: float | None = None  # None: the method's default
+    batch_size: int = 256  # student minibatch
+    optimizer: str = "adam"  # adam | sgd
+    lr: float | None = None  # None: 1e-3 for adam, 0.05 for sgd; cosine decay over the budget
+    weight_decay: float = 5e-4
+    steps_per_round: int = 50  # student steps between synthesis rounds (transfer-set methods)
+    checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path) -> None:
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass; unknown keys are an error, not silently ignored."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise DfkdError(f"unknown config keys {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for k, v in data.items():
+        default = names[k].default_factory if names[k].default_factory is not dataclasses.MISSING \
+            else None
+        if default is not None and dataclasses.is_dataclass(default) and isinstance(v, dict):
+            v = from_dict(default, v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_config(cls, path: Path):
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DfkdError(f"cannot read config '{path}': {str(e).splitlines()[0]}") from None
+    return from_dict(cls, data)

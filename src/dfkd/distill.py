@@ -1,0 +1,272 @@
+"""The engine: a budgeted loop of synthesize -> train the student -> log, resumable at any kill.
+
+Transfer-set methods run one synthesis round every `steps_per_round` student steps and the
+student samples minibatches from everything synthesized so far; online methods hand the student
+a fresh batch every step. The budget (wall clock or steps) covers synthesis and training alike;
+evaluation and checkpointing stop the clock. A checkpoint after every round and every
+`checkpoint_seconds` holds the student, optimizer, synthesizer, RNG states and counters, so a
+resumed run replays exactly what the killed one would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
+from dfkd.errors import DfkdError
+from dfkd.evaluate import load_eval_data, metrics, predict_logits
+from dfkd.io import append_jsonl, atomic_path, read_jsonl, truncate_jsonl, write_text
+from dfkd.losses import kd_loss
+from dfkd.report import save_curves, save_samples, write_report
+from dfkd.synthesis import create_synthesizer
+from dfkd.teacher import Classifier, new_classifier, save_classifier
+from dfkd.transfer_set import TransferSet
+
+LOG_EVERY = 25  # student steps between loss records in metrics.jsonl
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DfkdError(f"--device {name} asked for, but CUDA is not available here; use cpu")
+    return torch.device(name)
+
+
+def make_optimizer(name: str, params, lr: float | None, weight_decay: float):
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr or 0.05, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    raise DfkdError(f"unknown optimizer '{name}'; choose adam or sgd")
+
+
+def cosine_lr(optimizer, base_lr: float, progress: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_run_dir(out: Path, cfg, resume: bool, command: str) -> None:
+    """Refuse to mix runs: an existing run needs --resume and the same configuration."""
+    config_path = out / "config.yaml"
+    if config_path.exists():
+        if not resume:
+            raise DfkdError(f"'{out}' already holds a run; add --resume to continue it or choose "
+                            "another --out")
+        old = load_config(type(cfg), config_path)
+        if to_dict(old) != to_dict(cfg):
+            diff = sorted(k for k, v in to_dict(cfg).items() if to_dict(old).get(k) != v)
+            raise DfkdError(f"--resume with a different configuration ({', '.join(diff)} changed);"
+                            f" rerun with the settings in {config_path}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_path)
+        write_text(out / "command.txt", command + "\n")
+
+
+class Evaluator:
+    """Scores the student against labels and the teacher on the evaluation split (report only)."""
+
+    def __init__(self, name: str | None, teacher: Classifier, data_root):
+        self.name = name
+        self.data = load_eval_data(name, teacher, data_root) if name else None
+        self.teacher_logits = predict_logits(teacher, self.data.x) if self.data else None
+
+    def teacher_metrics(self) -> dict:
+        return metrics(self.teacher_logits, self.data.y) if self.data else {}
+
+    def __call__(self, student: Classifier) -> dict:
+        if not self.data:
+            return {}
+        return metrics(predict_logits(student, self.data.x), self.data.y, self.teacher_logits)
+
+
+def resolve_eval_dataset(cfg: DistillConfig, teacher: Classifier) -> str | None:
+    if cfg.eval_dataset == "none":
+        return None
+    return cfg.eval_dataset or teacher.spec.dataset
+
+
+def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
+            command: str = "") -> dict:
+    """Run (or resume) one distillation and write its run directory; returns report.json."""
+    out = Path(cfg.out)
+    budget = Budget.parse(cfg.budget)
+    device = pick_device(cfg.device)
+    teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
+    eval_name = resolve_eval_dataset(cfg, teacher)
+    evaluator = Evaluator(eval_name, teacher, cfg.data_root)
+    torch.manual_seed(cfg.seed)
+    student = new_classifier(cfg.student, teacher.spec).to(device)
+
+    if cfg.transfer_set:
+        tset = TransferSet.open(cfg.transfer_set)
+        if len(tset) == 0:
+            raise DfkdError(f"transfer set '{cfg.transfer_set}' is empty")
+        method = tset.read_meta().get("method", "transfer-set")
+        synth, family, temperature = None, "stored", cfg.temperature or 4.0
+    else:
+        synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
+        method, family = cfg.method, synth.family
+        temperature = cfg.temperature or synth.temperature
+        tset = TransferSet(out / "transfer_set") if family == "transfer_set" else None
+    prepare_run_dir(out, cfg, resume, command)
+
+    optimizer = make_optimizer(cfg.optimizer, student.parameters(), cfg.lr, cfg.weight_decay)
+    base_lr = optimizer.param_groups[0]["lr"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = {"step": 0, "synthesis_seconds": 0.0, "train_seconds": 0.0, "rounds": 0,
+             "evals": 0, "loss_sum": 0.0, "loss_n": 0}
+    last_x = None
+    ckpt_path = out / "checkpoint.pt"
+
+    def save_checkpoint():
+        ckpt = {"student": student.net.state_dict(), "optimizer": optimizer.state_dict(),
+                "state": dict(state), "torch_rng": torch.get_rng_state(), "gen": gen.get_state(),
+                "parts": len(tset.parts) if tset is not None and synth is not None else 0,
+                "synth": synth.state_dict() if synth else {},
+                "last_x": last_x if last_x is not None else torch.zeros(0)}
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(ckpt, tmp)
+
+    metrics_path = out / "metrics.jsonl"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        student.net.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["state"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(ckpt["gen"])
+        if synth:
+            synth.load_state_dict(ckpt["synth"])
+        if family == "transfer_set":
+            tset = TransferSet.open(out / "transfer_set", limit=ckpt["parts"])
+        last_x = ckpt["last_x"] if ckpt["last_x"].numel() else None
+        truncate_jsonl(metrics_path, "step", state["step"])
+    else:
+        metrics_path.unlink(missing_ok=True)
+        if tset is not None and family == "transfer_set":
+            tset = TransferSet.open(out / "transfer_set", limit=0) \
+                if (out / "transfer_set").exists() else tset
+
+    elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
+    passes = lambda: (synth.teacher_passes if synth else 0)  # noqa: E731
+    total = budget.steps if budget.steps is not None else budget.seconds
+    bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
+               unit="step" if budget.steps is not None else "s",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]")
+    done_so_far = lambda: state["step"] if budget.steps is not None else elapsed()  # noqa: E731
+    bar.update(done_so_far())
+
+    def log_eval():
+        result = evaluator(student)
+        record = {"step": state["step"], "seconds": round(elapsed(), 3),
+                  "synthesis_seconds": round(state["synthesis_seconds"], 3),
+                  "train_seconds": round(state["train_seconds"], 3),
+                  "teacher_passes": passes(), "samples": len(tset) if tset is not None else None,
+                  "student_acc": result.get("acc"), "agreement": result.get("agreement")}
+        append_jsonl(metrics_path, record)
+        if result:
+            bar.set_postfix(acc=f"{result['acc']:.3f}", refresh=False)
+        return result
+
+    last_ckpt = time.monotonic()
+    while not budget.done(state["step"], elapsed()):
+        before = done_so_far()
+        t0 = time.perf_counter()
+        if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"]:
+            batch = synth.synthesize(student, state["rounds"])
+            tset.append(batch)
+            last_x = batch["x"][:64].cpu()
+            state["rounds"] += 1
+            state["synthesis_seconds"] += time.perf_counter() - t0
+            save_checkpoint()
+            last_ckpt = time.monotonic()
+            bar.update(done_so_far() - before)
+            continue
+        if family == "online":
+            batch = synth.synthesize(student, state["step"])
+            last_x = batch["x"][:64].detach().cpu()
+            t1 = time.perf_counter()
+            state["synthesis_seconds"] += t1 - t0
+            t0 = t1
+        else:
+            batch = tset.sample(cfg.batch_size, gen)
+        cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
+        student.train()
+        loss = kd_loss(student(batch["x"].to(device)), batch["logits"].to(device), temperature)
+        if not torch.isfinite(loss):
+            save_checkpoint()
+            raise DfkdError(f"the student's loss became {loss.item()} at step {state['step']}; "
+                            "lower --lr or the temperature (the last good state is checkpointed)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] += 1
+        state["loss_sum"] += loss.item()
+        state["loss_n"] += 1
+        state["train_seconds"] += time.perf_counter() - t0
+        if state["step"] % LOG_EVERY == 0:
+            append_jsonl(metrics_path, {"step": state["step"], "seconds": round(elapsed(), 3),
+                                        "loss": state["loss_sum"] / state["loss_n"],
+                                        "lr": optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_n']:.4f}", refresh=False)
+            state["loss_sum"], state["loss_n"] = 0.0, 0
+        if budget.progress(state["step"], elapsed()) >= (state["evals"] + 1) / cfg.eval_points \
+                and state["evals"] + 1 < cfg.eval_points:
+            state["evals"] += 1
+            log_eval()
+        if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
+            save_checkpoint()
+            last_ckpt = time.monotonic()
+        bar.update(done_so_far() - before)
+    bar.close()
+
+    final = log_eval()
+    save_checkpoint()
+    save_classifier(student, out / "student.safetensors",
+                    {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
+    report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
+                          state, passes(), tset, synth, device)
+    write_report(report, out)
+    if last_x is not None:
+        targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
+        save_samples(last_x, out / "samples.png", f"{method}: synthesized inputs",
+                     targets if targets is not None and (targets >= 0).all() else None)
+    save_curves(read_jsonl(metrics_path), out / "curves.png",
+                f"{method}: {teacher.arch} -> {cfg.student} ({eval_name or 'no eval data'})")
+    return report
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
+                 teacher_passes, tset, synth, device) -> dict:
+    t = evaluator.teacher_metrics()
+    report = {
+        "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
+        "agreement": final.get("agreement"),
+        "synthesis_seconds": round(state["synthesis_seconds"], 3),
+        "train_seconds": round(state["train_seconds"], 3), "teacher_passes": teacher_passes,
+        "seed": cfg.seed, "dataset": evaluator.name, "budget": cfg.budget,
+        "student": cfg.student, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
+        "student_params": _params(student.net), "teacher_params": _params(teacher.net),
+        "steps": state["step"], "synthesis_rounds": state["rounds"],
+        "samples": len(tset) if tset is not None else None, "temperature": temperature,
+        "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
+        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "method_options": dict(vars(synth.opts)) if synth else {},
+        "per_class_acc": final.get("per_class_acc"),
+    }
+    if budget.seconds is not None:
+        report["budget_seconds"] = budget.seconds
+    return report

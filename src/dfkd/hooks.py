@@ -1,0 +1,73 @@
+"""Forward hooks by dotted module path, so any nn.Module works unmodified."""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The sub-module at `path` (as in named_modules); one-line error listing candidates."""
+    modules = dict(model.named_modules())
+    if path in modules and path:
+        return modules[path]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(path, names, n=5) or names[-8:]
+    raise DfkdError(f"no module '{path}' in {type(model).__name__}; candidates: {', '.join(close)}")
+
+
+class FeatureHook:
+    """Keeps the input or output of one module from the last forward pass."""
+
+    def __init__(self, module: nn.Module, *, capture: str = "output"):
+        self.capture, self.value = capture, None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.value = inputs[0] if self.capture == "input" else output
+
+    def remove(self):
+        self.handle.remove()
+
+
+class BNStatsHook:
+    """Distance between a BatchNorm layer's running statistics and its current input batch.
+
+    r = ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2 (biased variance), the
+    prior that DeepInversion, CMI, DFQ and Fast all match.
+    """
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm):
+        self.module, self.loss = module, None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0]
+        dims = [0] + list(range(2, x.ndim))
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        rm, rv = module.running_mean, module.running_var
+        self.loss = torch.norm(mean - rm, 2) + torch.norm(var - rv, 2)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
+
+
+def bn_stats_hooks(model: nn.Module, method: str) -> list[BNStatsHook]:
+    """Hooks on every BatchNorm of `model`; a clear error for teachers without BatchNorm."""
+    layers = bn_layers(model)
+    if not layers:
+        raise DfkdError(f"method '{method}' matches BatchNorm statistics, but the teacher has no "
+                        "BatchNorm layer with running statistics; choose a method without a BN "
+                        "prior (e.g. noise) or set bn_weight=0")
+    return [BNStatsHook(m) for m in layers]

@@ -1,0 +1,103 @@
+"""Name -> factory registry, so configs and the CLI can pick architectures by string."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from dfkd.errors import DfkdError
+
+KINDS = ("classifier", "generator")
+
+Factory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Factory
+    kind: str
+    input_shape: tuple[int, int, int] | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(
+    name: str | None = None,
+    *,
+    kind: str = "classifier",
+    input_shape: tuple[int, int, int] | None = None,
+) -> Callable[[Factory], Factory]:
+    """Decorator that registers a factory under `name` (default: the function's name)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "classifier" and input_shape is None:
+        raise ValueError("classifiers must declare their default input_shape (C, H, W)")
+
+    def decorator(factory: Factory) -> Factory:
+        key = name or factory.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered")
+        _REGISTRY[key] = _Entry(factory, kind, input_shape)
+        return factory
+
+    return decorator
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Sorted registered names, optionally only those of one kind."""
+    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def _entry(name: str, kind: str | None = None) -> _Entry:
+    """Look a name up, failing with a one-line message that lists the valid choices."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    entry = _REGISTRY.get(name)
+    choices = ", ".join(list_models(kind))
+    if entry is None:
+        raise DfkdError(f"unknown model {name!r}; choose one of: {choices}")
+    if kind is not None and entry.kind != kind:
+        raise DfkdError(f"model {name!r} is a {entry.kind}, not a {kind}; choose one of: {choices}")
+    return entry
+
+
+def create_model(name: str, *, kind: str | None = None, **kwargs: object) -> nn.Module:
+    """Build a registered model; `kind` (optional) also checks it is a classifier/generator."""
+    entry = _entry(name, kind)
+    params = inspect.signature(entry.factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise DfkdError(
+            f"model {name!r} does not accept {', '.join(unknown)}; it accepts: {', '.join(params)}"
+        )
+    return entry.factory(**kwargs)
+
+
+def model_input_shape(name: str) -> tuple[int, int, int]:
+    """Default (C, H, W) a registered classifier expects."""
+    shape = _entry(name, "classifier").input_shape
+    assert shape is not None  # enforced by register_model for classifiers
+    return shape
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """One init convention for every architecture: kaiming convs, identity BN, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model

@@ -1,0 +1,14 @@
+"""Synthesis methods, one module per family, all behind `Synthesizer` (see base.py)."""
+
+from dfkd.synthesis import deepinversion, noise  # noqa: F401  (registers the methods)
+from dfkd.synthesis.base import (
+    Batch,
+    Synthesizer,
+    create_synthesizer,
+    list_methods,
+    method_class,
+    parse_options,
+)
+
+__all__ = ["Batch", "Synthesizer", "create_synthesizer", "list_methods", "method_class",
+           "parse_options"]

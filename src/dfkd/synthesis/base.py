@@ -1,0 +1,120 @@
+"""The Synthesizer interface every method implements, and its registry.
+
+Two families share it. A *transfer-set* synthesizer returns one round of finished samples that
+the engine stores and the student revisits; an *online* synthesizer returns a fresh batch for
+every student step (and may train a generator inside `synthesize`). Either way a batch is a dict:
+`x` pixels in [0,1], `logits` the teacher's logits on exactly those pixels, `targets` the class
+the sample was made for (-1 if none), `seeds` what makes the sample reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import ClassVar
+
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.teacher import Classifier
+
+Batch = dict[str, torch.Tensor]
+_METHODS: dict[str, type[Synthesizer]] = {}
+
+
+@dataclasses.dataclass
+class Options:
+    """Base of every method's options; fields are the defaults, documented next to them."""
+
+
+class Synthesizer:
+    name: ClassVar[str]
+    family: ClassVar[str]  # "transfer_set" or "online"
+    Options: ClassVar[type] = Options
+    temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
+
+    def __init__(self, teacher: Classifier, options, seed: int):
+        self.teacher, self.opts, self.seed = teacher, options, seed
+        self.teacher_passes = 0  # images through the teacher (forward, with or without backward)
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.mean.device
+
+    def synthesize(self, student: Classifier, index: int) -> Batch:
+        """Batch number `index` (rounds for transfer-set methods, steps for online ones)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def label(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits on x (eval mode): the soft targets stored beside the inputs."""
+        self.teacher_passes += x.shape[0]
+        return self.teacher(x).float()
+
+    def generator(self, index: int) -> torch.Generator:
+        """A per-batch RNG derived from (seed, index): batches are reproducible on their own."""
+        return torch.Generator(self.device).manual_seed(self.batch_seed(index))
+
+    def batch_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + index) % (2**63)
+
+    def state_dict(self) -> dict:
+        return {"teacher_passes": self.teacher_passes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher_passes = int(state["teacher_passes"])
+
+
+def register_method(cls: type[Synthesizer]) -> type[Synthesizer]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> dict[str, str]:
+    """Name -> one-line description (the first docstring line)."""
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_METHODS.items())}
+
+
+def method_class(name: str) -> type[Synthesizer]:
+    if name not in _METHODS:
+        raise DfkdError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def parse_options(cls: type[Synthesizer], given: dict[str, object]) -> object:
+    """Build the method's Options from `key=value` strings or values, checking names and types."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    hints = typing.get_type_hints(cls.Options)
+    values = {}
+    for key, raw in given.items():
+        if key not in fields:
+            raise DfkdError(f"method '{cls.name}' has no option '{key}'; options: "
+                            f"{', '.join(fields) or '(none)'}")
+        values[key] = _coerce(raw, hints[key], f"{cls.name} option '{key}'")
+    return cls.Options(**values)
+
+
+def _coerce(raw, kind, what: str):
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind in (int, float, str):
+            return kind(raw)
+        return raw
+    except ValueError:
+        raise DfkdError(f"{what} expects {getattr(kind, '__name__', kind)}, got '{raw}'") from None
+
+
+def create_synthesizer(name: str, teacher: Classifier, options: dict, seed: int) -> Synthesizer:
+    cls = method_class(name)
+    return cls(teacher, parse_options(cls, options), seed)
+
+
+def balanced_targets(batch_size: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """Class labels covering all classes evenly, in a random order."""
+    y = torch.arange(batch_size, device=gen.device) % num_classes
+    return y[torch.randperm(batch_size, generator=gen, device=gen.device)]

@@ -1,0 +1,64 @@
+"""`dfkd synthesize`: write a reusable transfer set without training a student.
+
+Rounds are reproducible from (seed, round index) alone, so a killed run resumes after its last
+finished part and produces exactly the set an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dfkd.config import TeacherArgs
+from dfkd.distill import pick_device, prepare_run_dir
+from dfkd.errors import DfkdError
+from dfkd.report import save_samples
+from dfkd.synthesis import create_synthesizer
+from dfkd.transfer_set import TransferSet
+
+
+@dataclass
+class SynthesizeConfig:
+    teacher: TeacherArgs = field(default_factory=TeacherArgs)
+    method: str = "deepinv"
+    method_options: dict = field(default_factory=dict)
+    num: int = 10000  # samples to write (rounded up to whole rounds)
+    out: str = "runs/set"
+    seed: int = 0
+    device: str = "auto"
+
+
+def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: bool = True,
+                   command: str = "") -> dict:
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
+    synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
+    if synth.family != "transfer_set":
+        raise DfkdError(f"method '{cfg.method}' is an online (generator) method and keeps no "
+                        "transfer set; use `dfkd distill` with it")
+    prepare_run_dir(out, cfg, resume, command)
+    tset = TransferSet.open(out)
+    meta = tset.read_meta()
+    synth.teacher_passes, seconds = meta.get("teacher_passes", 0), meta.get("seconds", 0.0)
+    bar = tqdm(total=cfg.num, initial=len(tset), desc=f"synthesize {cfg.method}", unit="img",
+               disable=not progress)
+    while len(tset) < cfg.num:
+        t0 = time.perf_counter()
+        batch = synth.synthesize(None, len(tset.parts))
+        tset.append(batch)
+        seconds += time.perf_counter() - t0
+        meta = {"method": cfg.method, "teacher": str(cfg.teacher.path), "seed": cfg.seed,
+                "spec": teacher.spec.to_json(), "samples": len(tset), "parts": len(tset.parts),
+                "teacher_passes": synth.teacher_passes, "seconds": round(seconds, 3),
+                "method_options": dict(vars(synth.opts))}
+        tset.write_meta(meta)
+        bar.update(batch["x"].shape[0])
+    bar.close()
+    if tset.parts:
+        save_samples(tset.parts[-1]["x"], out / "samples.png", f"{cfg.method}: transfer set",
+                     tset.parts[-1]["targets"])
+    return meta
