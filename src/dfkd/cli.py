@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
     p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--augment", choices=("none", "shift", "shift+flip"), default=S,
+                   help="augment stored samples and relabel them by the teacher (default shift)")
     p.add_argument("--steps-per-round", type=int, default=S,
                    help="student steps between synthesis rounds (transfer-set methods)")
     p.add_argument("--eval-points", type=int, default=S)
@@ -179,7 +181,7 @@ def run(argv: list[str]) -> int:
         from dfkd.distill import distill
 
         flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
-                              "transfer_set", "temperature", "batch_size", "optimizer", "lr",
+                              "transfer_set", "temperature", "batch_size", "optimizer", "lr", "augment",
                               "steps_per_round", "eval_points", "seed", "device"))
         flags["teacher"] = _teacher_args(args, "teacher")
         if hasattr(args, "method_options"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dfkd import augment
 from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
@@ -123,7 +124,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     base_lr = optimizer.param_groups[0]["lr"]
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "synthesis_seconds": 0.0, "train_seconds": 0.0, "rounds": 0,
-             "evals": 0, "loss_sum": 0.0, "loss_n": 0}
+             "evals": 0, "loss_sum": 0.0, "loss_n": 0, "relabel_passes": 0}
     last_x = None
     ckpt_path = out / "checkpoint.pt"
 
@@ -157,7 +158,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 if (out / "transfer_set").exists() else tset
 
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
-    passes = lambda: (synth.teacher_passes if synth else 0)  # noqa: E731
+    passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
     total = budget.steps if budget.steps is not None else budget.seconds
     bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
                unit="step" if budget.steps is not None else "s",
@@ -199,6 +200,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             t0 = t1
         else:
             batch = tset.sample(cfg.batch_size, gen)
+            if cfg.augment != "none":
+                x = augment.apply(cfg.augment, batch["x"], gen).to(device)
+                with torch.no_grad():
+                    batch = {"x": x, "logits": teacher(x).float()}
+                state["relabel_passes"] += x.shape[0]
         cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
         student.train()
         loss = kd_loss(student(batch["x"].to(device)), batch["logits"].to(device), temperature)
@@ -219,9 +225,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                         "lr": optimizer.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_n']:.4f}", refresh=False)
             state["loss_sum"], state["loss_n"] = 0.0, 0
-        if budget.progress(state["step"], elapsed()) >= (state["evals"] + 1) / cfg.eval_points \
-                and state["evals"] + 1 < cfg.eval_points:
-            state["evals"] += 1
+        reached = int(budget.progress(state["step"], elapsed()) * cfg.eval_points)
+        if state["evals"] < reached < cfg.eval_points:  # the final point is logged after the loop
+            state["evals"] = reached
             log_eval()
         if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
             save_checkpoint()

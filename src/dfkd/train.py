@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dfkd.augment import default_shift, shift_flip
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.distill import cosine_lr, make_optimizer, pick_device, prepare_run_dir
 from dfkd.evaluate import eval_data_for, metrics, predict_logits
@@ -40,18 +41,6 @@ class TeacherConfig:
     input_shape: list[int] | None = None  # None: the zoo model's (channels from the dataset)
     seed: int = 0
     device: str = "auto"
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
-    """Random translation by up to `shift` pixels (zero fill) and optional horizontal flip."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift, shift, shift, shift))
-    dx, dy = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        mask = torch.rand(n, generator=gen) < 0.5
-        out[mask] = out[mask].flip(3)
-    return out
 
 
 def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = True,
@@ -88,7 +77,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = 
     else:
         metrics_path.unlink(missing_ok=True)
 
-    shift = max(1, spec.shape[1] // 16)
+    shift = default_shift(spec.shape[1])
     flip = cfg.dataset in FLIP_DATASETS
     steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
     bar = tqdm(total=epochs, initial=state["epoch"], desc=f"train {cfg.model} on {cfg.dataset}",
@@ -102,7 +91,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = 
             cosine_lr(optimizer, base_lr, (state["epoch"] * steps_per_epoch + i)
                       / (epochs * steps_per_epoch))
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = augment(x_train[idx], gen, shift, flip).to(device)
+            x = shift_flip(x_train[idx], gen, shift, flip).to(device)
             loss = F.cross_entropy(model(x), y_train[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
