@@ -18,7 +18,8 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5 or 0.5,0.4,0.3, got '{text}'"
+                                         ) from None
 
 
 def _shape(text: str) -> list[int]:
@@ -44,7 +45,7 @@ def _add_model_source(p: argparse.ArgumentParser, flag: str, help_text: str) -> 
                    "(needed when the weights do not say)")
     p.add_argument("--input-shape", type=_shape, default=S, metavar="C,H,W",
                    help="input shape, for weights that carry no spec")
-    p.add_argument("--mean", type=_floats, default=S, help="normalization mean (one or per channel)")
+    p.add_argument("--mean", type=_floats, default=S, help="normalization mean (1 or per channel)")
     p.add_argument("--std", type=_floats, default=S, help="normalization std (one or per channel)")
     p.add_argument("--num-classes", type=int, default=S, help="number of classes (else inferred)")
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--budget", default="60s", help="distillation budget (default 60s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default 40")
     p.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("methods", help="list the synthesis methods")
@@ -156,7 +158,7 @@ def run(argv: list[str]) -> int:
     if args.command == "quickstart":
         from dfkd.quickstart import quickstart
 
-        quickstart(args.out, args.budget, args.seed, progress)
+        quickstart(args.out, args.budget, args.seed, progress, args.teacher_epochs)
     elif args.command == "methods":
         from dfkd.synthesis import list_methods, method_class
 
@@ -181,7 +183,8 @@ def run(argv: list[str]) -> int:
         from dfkd.distill import distill
 
         flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
-                              "transfer_set", "temperature", "batch_size", "optimizer", "lr", "augment",
+                              "transfer_set", "temperature", "batch_size", "optimizer", "lr",
+                              "augment",
                               "steps_per_round", "eval_points", "seed", "device"))
         flags["teacher"] = _teacher_args(args, "teacher")
         if hasattr(args, "method_options"):
@@ -199,7 +202,8 @@ def run(argv: list[str]) -> int:
             flags["method_options"] = dict(args.method_options)
         cfg = _config(SynthesizeConfig, args, flags)
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
-        print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s -> {cfg.out}")
+        print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
+              f"-> {cfg.out}")
     elif args.command == "evaluate":
         _evaluate(args)
     return 0

@@ -14,10 +14,9 @@ from dfkd.distill import distill
 from dfkd.train import TeacherConfig, train_teacher
 
 # DeepInversion tuned for 8x8 digits under a one-minute budget: many short rounds (50 steps at a
-# higher learning rate) beat few long ones, no horizontal flips (digits are not mirror-symmetric),
-# one-pixel jitter. The student relabels shifted copies through the teacher (config.augment).
-QUICKSTART_METHOD_OPTIONS = {"batch_size": 256, "steps": 50, "lr": 0.2, "jitter": 1,
-                             "flip": False}
+# higher learning rate) beat few long ones. The student relabels shifted copies of the samples
+# through the teacher (DistillConfig.augment).
+QUICKSTART_METHOD_OPTIONS = {"batch_size": 256, "steps": 50, "lr": 0.2}
 
 
 def quickstart(out: str = "runs/quickstart", budget: str = "60s", seed: int = 0,

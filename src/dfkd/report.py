@@ -38,7 +38,7 @@ def save_samples(x: torch.Tensor, path: Path, title: str = "", labels=None) -> N
     """Grid of up to 64 synthesized inputs, with the class each was made for if known."""
     plt = _pyplot()
     x = x[:64].detach().float().cpu()
-    grid = image_grid(x)
+    grid = image_grid(x).numpy()
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")

@@ -12,7 +12,6 @@ import importlib
 import inspect
 import json
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,12 +139,15 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise DfkdError(f"'{path}' is not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # garbage, not a pickled object graph
+            raise DfkdError(f"'{path}' is not a weights file (unreadable pickle)") from None
         raise DfkdError(f"'{path}' contains pickled Python code (a whole saved model?), which dfkd "
                         "refuses to run; save model.state_dict() instead, ideally as .safetensors"
                         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DfkdError(f"'{path}' is not a weights file ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load fails on non-weight files in many different ways
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DfkdError(f"'{path}' is not a weights file ({first[:200]})") from None
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -171,15 +173,15 @@ def load_classifier(path: str | Path, *, arch: str | None = None,
     state, meta = _read_weights(file)
     arch = arch or meta.get("dfkd_arch")
     if not arch:
-        raise DfkdError(f"'{file}' does not say its architecture; pass --arch NAME (a zoo model) or "
-                        "--arch package.module:factory")
+        raise DfkdError(f"'{file}' does not say its architecture; pass --arch NAME (a zoo model) "
+                        "or --arch package.module:factory")
     stored = InputSpec.from_json(meta["dfkd_spec"]) if "dfkd_spec" in meta else None
     shape = input_shape or (stored.shape if stored else default_input_shape(arch))
     mean = mean or (stored.mean if stored else None)
     std = std or (stored.std if stored else None)
     if shape is None or mean is None or std is None:
-        raise DfkdError(f"'{file}' carries no input spec; pass --input-shape C,H,W --mean M --std S "
-                        "(mean/std: one value or one per channel)")
+        raise DfkdError(f"'{file}' carries no input spec; pass --input-shape C,H,W --mean M "
+                        "--std S (mean/std: one value or one per channel)")
     k = num_classes or (stored.num_classes if stored else _infer_num_classes(state))
     spec = InputSpec(shape, mean, std, k, stored.dataset if stored else None)
     net = build_net(arch, k, spec.shape[0])
@@ -195,7 +197,7 @@ def load_classifier(path: str | Path, *, arch: str | None = None,
 
 
 @torch.no_grad()
-def check_forward(model: Classifier) -> None:
+def check_forward(model: Classifier, hint: str = "check --input-shape") -> None:
     """Fail early, in one line, when the network cannot take its spec's input or count classes."""
     was_training = model.training
     model.eval()
@@ -204,7 +206,7 @@ def check_forward(model: Classifier) -> None:
     except RuntimeError as e:
         shape = "x".join(map(str, model.spec.shape))
         raise DfkdError(f"model '{model.arch}' cannot take input {shape}: "
-                        f"{str(e).splitlines()[0]}; check --input-shape") from None
+                        f"{str(e).splitlines()[0]}; {hint}") from None
     finally:
         model.train(was_training)
     if out.ndim != 2 or out.shape[1] != model.spec.num_classes:
@@ -215,5 +217,5 @@ def check_forward(model: Classifier) -> None:
 def new_classifier(arch: str, spec: InputSpec) -> Classifier:
     """A freshly initialised network for `spec` (students, teachers before training)."""
     model = Classifier(build_net(arch, spec.num_classes, spec.shape[0]), spec, arch)
-    check_forward(model)
+    check_forward(model, "choose a model made for this input size (`dfkd models`)")
     return model

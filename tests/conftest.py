@@ -1,0 +1,26 @@
+"""Shared fixtures: a small digits teacher trained once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd.train import TeacherConfig, train_teacher
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A digits_cnn teacher after 3 epochs (about 97% on the digits test split)."""
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    train_teacher(TeacherConfig(dataset="digits", model="digits_cnn", out=str(out), epochs=3,
+                                device="cpu"), progress=False)
+    return out

@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dfkd.distill as engine
+from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config
+from dfkd.distill import distill
+from dfkd.errors import DfkdError
+from dfkd.io import read_jsonl
+from dfkd.report import REQUIRED_KEYS
+from dfkd.synthesize import SynthesizeConfig, synthesize_set
+from dfkd.transfer_set import TransferSet
+
+CONTRACT_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "samples.png",
+                  "curves.png", "student.safetensors", "checkpoint.pt")
+TIMING = ("synthesis_seconds", "train_seconds", "seconds")
+
+
+def _cfg(teacher, out, **kw):
+    base = dict(teacher=TeacherArgs(path=str(teacher)), method="deepinv",
+                method_options={"batch_size": 32, "steps": 4},
+                student="digits_cnn_quarter", out=str(out), budget="30steps", device="cpu",
+                eval_dataset="digits", eval_points=3, batch_size=32, steps_per_round=10,
+                checkpoint_seconds=0.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _strip(report):
+    return {k: v for k, v in report.items() if k not in TIMING}
+
+
+def _evals(out):
+    return [(r["step"], r["student_acc"], r["teacher_passes"])
+            for r in read_jsonl(out / "metrics.jsonl") if "student_acc" in r]
+
+
+def test_budget_parsing():
+    assert Budget.parse("90s").seconds == 90 and Budget.parse("10m").seconds == 600
+    assert Budget.parse("1.5h").seconds == 5400 and Budget.parse("500steps").steps == 500
+    assert Budget.parse("200").steps == 200
+    with pytest.raises(DfkdError, match="cannot read budget 'soon'"):
+        Budget.parse("soon")
+    assert Budget.parse("10steps").progress(5, 1e9) == 0.5
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = _cfg("t", tmp_path / "o", method_options={"steps": 3})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(DistillConfig, tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("methd: deepinv\n")
+    with pytest.raises(DfkdError, match="unknown config keys"):
+        load_config(DistillConfig, tmp_path / "bad.yaml")
+
+
+def test_distill_writes_the_whole_run_directory(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "run"), progress=False)
+    out = tmp_path / "run"
+    for name in CONTRACT_FILES:
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == report and set(REQUIRED_KEYS) <= set(saved)
+    for key in ("teacher_acc", "student_acc", "agreement"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved["teacher_acc"] > 0.85 and saved["student_acc"] > 0.1
+    assert saved["steps"] == 30 and saved["synthesis_rounds"] == 3 and saved["samples"] == 96
+    # synthesis: 3 rounds x 32 images x (4 steps + 1 labelling) + relabelling 30 x 32
+    assert saved["teacher_passes"] == 3 * 32 * 5 + 30 * 32
+    assert len(TransferSet.open(out / "transfer_set")) == 96
+    assert len(_evals(out)) == 3
+    assert set(load_file(str(out / "student.safetensors")))
+    assert "dfkd distill" not in (out / "config.yaml").read_text()
+
+
+def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path):
+    set_dir = tmp_path / "set"
+    synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)),
+                                    method_options={"batch_size": 64, "steps": 4},
+                                    num=128, out=str(set_dir), device="cpu"), progress=False)
+    distill(_cfg(digits_teacher, tmp_path / "run", transfer_set=str(set_dir), budget="100steps",
+                 augment="none", lr=3e-3), progress=False)
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("where", ["training", "after_part_written", "online"])
+def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
+                                                        where):
+    kw = dict(method="noise", method_options={"batch_size": 16}) if where == "online" else {}
+    full = distill(_cfg(digits_teacher, tmp_path / "full", **kw), progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    calls = {"n": 0}
+    if where == "after_part_written":
+        original = TransferSet.append
+
+        def append_then_die(self, batch):
+            original(self, batch)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Killed
+
+        monkeypatch.setattr(TransferSet, "append", append_then_die)
+    else:
+        original = engine.kd_loss
+
+        def loss_then_die(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 17:
+                raise Killed
+            return original(*a, **k)
+
+        monkeypatch.setattr(engine, "kd_loss", loss_then_die)
+    cfg = _cfg(digits_teacher, tmp_path / "killed", **kw)
+    with pytest.raises(Killed):
+        distill(cfg, progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "report.json").exists()
+    with pytest.raises(DfkdError, match="already holds a run; add --resume"):
+        distill(cfg, progress=False)
+    resumed = distill(cfg, resume=True, progress=False)
+    assert _strip(resumed) == _strip(full)
+    assert _evals(tmp_path / "killed") == _evals(tmp_path / "full")
+    a = load_file(str(tmp_path / "full" / "student.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_configuration(digits_teacher, tmp_path):
+    distill(_cfg(digits_teacher, tmp_path / "r", budget="10steps"), progress=False)
+    with pytest.raises(DfkdError, match=r"different configuration \(seed changed\)"):
+        distill(_cfg(digits_teacher, tmp_path / "r", budget="10steps", seed=1), resume=True,
+                progress=False)
+
+
+def test_resuming_a_finished_run_reports_the_same(digits_teacher, tmp_path):
+    cfg = _cfg(digits_teacher, tmp_path / "r", budget="10steps")
+    first = distill(cfg, progress=False)
+    assert _strip(distill(cfg, resume=True, progress=False)) == _strip(first)
+
+
+def test_wall_clock_budget_stops(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "r", budget="6s", checkpoint_seconds=30.0),
+                     progress=False)
+    assert report["steps"] > 0 and report["budget_seconds"] == 6.0
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digits_teacher,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "kd_loss", lambda *a, **k: torch.tensor(float("nan"),
+                                                                        requires_grad=True))
+    with pytest.raises(DfkdError, match="loss became nan at step 0; lower --lr"):
+        distill(_cfg(digits_teacher, tmp_path / "r"), progress=False)
+    assert (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_eval_dataset_that_does_not_fit_the_teacher(digits_teacher, tmp_path):
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "imgs" / f"class{k}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40 * k, 90, 200)).save(tmp_path / "imgs" / f"class{k}" / "a.png")
+    with pytest.raises(DfkdError, match="has 3 channel") as e:
+        distill(_cfg(digits_teacher, tmp_path / "r", eval_dataset="folder",
+                     data_root=str(tmp_path / "imgs")), progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_student_and_method(digits_teacher, tmp_path):
+    with pytest.raises(DfkdError, match="unknown model 'nonet'"):
+        distill(_cfg(digits_teacher, tmp_path / "a", student="nonet"), progress=False)
+    with pytest.raises(DfkdError, match="unknown method 'magic'"):
+        distill(_cfg(digits_teacher, tmp_path / "b", method="magic"), progress=False)
