@@ -9,11 +9,16 @@ CHOICES = ("none", "shift", "shift+flip")
 
 
 def shift_flip(x: torch.Tensor, gen: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
-    """Random translation by up to `shift` pixels (zero fill) and optional horizontal flip."""
-    n, _, h, w = x.shape
+    """Random translation by up to `shift` pixels (zero fill) and optional horizontal flip.
+
+    One gather for the whole batch: every sample gets its own offset without a Python loop.
+    """
+    n, c, h, w = x.shape
     padded = F.pad(x, (shift, shift, shift, shift))
-    dx, dy = torch.randint(0, 2 * shift + 1, (2, n), generator=gen).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    dx, dy = torch.randint(0, 2 * shift + 1, (2, n, 1, 1, 1), generator=gen)
+    rows = (dy + torch.arange(h).view(1, 1, h, 1)).expand(n, c, h, w)
+    cols = (dx + torch.arange(w).view(1, 1, 1, w)).expand(n, c, h, w)
+    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
     if flip:
         mask = torch.rand(n, generator=gen) < 0.5
         out[mask] = out[mask].flip(3)

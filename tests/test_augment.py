@@ -1,0 +1,29 @@
+import torch
+
+from dfkd.augment import apply, default_shift, shift_flip
+
+
+def test_shift_moves_content_with_zero_fill_and_keeps_shape():
+    x = torch.arange(1, 17, dtype=torch.float).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = shift_flip(x, torch.Generator().manual_seed(0), 1, flip=False)
+    assert out.shape == x.shape
+    for img in out:  # each output is the input moved by at most one pixel, zeros elsewhere
+        nz = img[0][img[0] != 0]
+        assert set(nz.tolist()) <= set(range(1, 17)) and len(nz) >= 9
+        assert any(torch.equal(img, torch.roll(F_pad(x[0]), (dy, dx), (1, 2))[:, 1:5, 1:5])
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 3  # offsets differ per sample
+
+
+def F_pad(img):
+    return torch.nn.functional.pad(img, (1, 1, 1, 1))
+
+
+def test_flip_and_none():
+    x = torch.rand(8, 3, 6, 6)
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(apply("none", x, g), x)
+    flipped = shift_flip(x, g, 0, flip=True)
+    pairs = zip(flipped, x, strict=True)
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in pairs)
+    assert default_shift(8) == 1 and default_shift(32) == 2
