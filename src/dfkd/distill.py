@@ -161,9 +161,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
     total = budget.steps if budget.steps is not None else budget.seconds
     bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
-               unit="step" if budget.steps is not None else "s",
+               unit="step" if budget.steps is not None else "s", mininterval=0.5,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]")
-    done_so_far = lambda: state["step"] if budget.steps is not None else elapsed()  # noqa: E731
+    done_so_far = lambda: min(total, state["step"] if budget.steps is not None  # noqa: E731
+                              else elapsed())
     bar.update(done_so_far())
 
     def log_eval():
