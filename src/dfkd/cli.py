@@ -151,6 +151,14 @@ def _flags(args, names) -> dict:
     return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
+def _with_teacher(args, flags: dict) -> dict:
+    """Add the teacher source and any --set method options to a command's config flags."""
+    flags["teacher"] = _teacher_args(args, "teacher")
+    if hasattr(args, "method_options"):
+        flags["method_options"] = dict(args.method_options)
+    return flags
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = "dfkd " + shlex.join(argv)
@@ -186,10 +194,7 @@ def run(argv: list[str]) -> int:
                               "transfer_set", "temperature", "batch_size", "optimizer", "lr",
                               "augment",
                               "steps_per_round", "eval_points", "seed", "device"))
-        flags["teacher"] = _teacher_args(args, "teacher")
-        if hasattr(args, "method_options"):
-            flags["method_options"] = dict(args.method_options)
-        cfg = _config(DistillConfig, args, flags)
+        cfg = _config(DistillConfig, args, _with_teacher(args, flags))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
               f"{_pct(r['teacher_acc'])}) -> {cfg.out}")
@@ -197,10 +202,7 @@ def run(argv: list[str]) -> int:
         from dfkd.synthesize import SynthesizeConfig, synthesize_set
 
         flags = _flags(args, ("method", "num", "out", "seed", "device"))
-        flags["teacher"] = _teacher_args(args, "teacher")
-        if hasattr(args, "method_options"):
-            flags["method_options"] = dict(args.method_options)
-        cfg = _config(SynthesizeConfig, args, flags)
+        cfg = _config(SynthesizeConfig, args, _with_teacher(args, flags))
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")

@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import augment
+from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
-from dfkd.io import append_jsonl, atomic_path, read_jsonl, truncate_jsonl, write_text
+from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
 from dfkd.losses import kd_loss
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.synthesis import create_synthesizer
@@ -128,23 +129,15 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     last_x = None
     ckpt_path = out / "checkpoint.pt"
 
-    def save_checkpoint():
-        ckpt = {"student": student.net.state_dict(), "optimizer": optimizer.state_dict(),
-                "state": dict(state), "torch_rng": torch.get_rng_state(), "gen": gen.get_state(),
-                "parts": len(tset.parts) if tset is not None and synth is not None else 0,
-                "synth": synth.state_dict() if synth else {},
-                "last_x": last_x if last_x is not None else torch.zeros(0)}
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(ckpt, tmp)
+    def checkpoint():
+        save_checkpoint(ckpt_path, student.net, optimizer, gen, state,
+                        parts=len(tset.parts) if tset is not None and synth is not None else 0,
+                        synth=synth.state_dict() if synth else {},
+                        last_x=last_x if last_x is not None else torch.zeros(0))
 
     metrics_path = out / "metrics.jsonl"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        student.net.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        gen.set_state(ckpt["gen"])
+        ckpt = load_checkpoint(ckpt_path, student.net, optimizer, gen, state)
         if synth:
             synth.load_state_dict(ckpt["synth"])
         if family == "transfer_set":
@@ -189,7 +182,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             last_x = batch["x"][:64].cpu()
             state["rounds"] += 1
             state["synthesis_seconds"] += time.perf_counter() - t0
-            save_checkpoint()
+            checkpoint()
             last_ckpt = time.monotonic()
             bar.update(done_so_far() - before)
             continue
@@ -210,7 +203,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         student.train()
         loss = kd_loss(student(batch["x"].to(device)), batch["logits"].to(device), temperature)
         if not torch.isfinite(loss):
-            save_checkpoint()
+            checkpoint()
             raise DfkdError(f"the student's loss became {loss.item()} at step {state['step']}; "
                             "lower --lr or the temperature (the last good state is checkpointed)")
         optimizer.zero_grad(set_to_none=True)
@@ -231,13 +224,13 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             state["evals"] = reached
             log_eval()
         if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
-            save_checkpoint()
+            checkpoint()
             last_ckpt = time.monotonic()
         bar.update(done_so_far() - before)
     bar.close()
 
     final = log_eval()
-    save_checkpoint()
+    checkpoint()
     save_classifier(student, out / "student.safetensors",
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd.augment import default_shift, shift_flip
+from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.distill import cosine_lr, make_optimizer, pick_device, prepare_run_dir
 from dfkd.evaluate import eval_data_for, metrics, predict_logits
-from dfkd.io import append_jsonl, atomic_path, read_jsonl, truncate_jsonl, write_json, write_text
+from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_json, write_text
 from dfkd.report import save_curves
 from dfkd.teacher import InputSpec, default_input_shape, new_classifier, save_classifier
 
@@ -67,12 +68,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = 
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     state = {"epoch": 0, "seconds": 0.0}
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        state.update(ckpt["state"])
+        load_checkpoint(ckpt_path, model.net, optimizer, gen, state)
         truncate_jsonl(metrics_path, "epoch", state["epoch"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -105,10 +101,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = 
                                     "loss": total / steps_per_epoch, "student_acc": acc,
                                     "teacher_passes": state["epoch"] * steps_per_epoch
                                     * cfg.batch_size})
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({"model": model.net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "state": dict(state)}, tmp)
+        save_checkpoint(ckpt_path, model.net, optimizer, gen, state)
         bar.set_postfix(loss=f"{total / steps_per_epoch:.4f}", test_acc=f"{acc:.4f}")
         bar.update(1)
     bar.close()
