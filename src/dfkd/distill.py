@@ -146,9 +146,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         truncate_jsonl(metrics_path, "step", state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
-        if tset is not None and family == "transfer_set":
-            tset = TransferSet.open(out / "transfer_set", limit=0) \
-                if (out / "transfer_set").exists() else tset
+        if family == "transfer_set" and (out / "transfer_set").exists():
+            # parts of a run killed before its first checkpoint: replayed from round 0
+            tset = TransferSet.open(out / "transfer_set", limit=0)
 
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
     passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
