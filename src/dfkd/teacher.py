@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.io import atomic_path
 from dfkd.models import create_model, is_registered, model_input_shape
 
 WEIGHT_FILES = ("student.safetensors", "teacher.safetensors", "model.safetensors")
@@ -110,8 +111,6 @@ def default_input_shape(arch: str) -> tuple[int, int, int] | None:
 
 def save_classifier(model: Classifier, path: Path, extra: Mapping[str, str] | None = None):
     """Weights as safetensors with spec and arch in the metadata; written atomically."""
-    from dfkd.io import atomic_path
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
     meta = {"dfkd_spec": model.spec.to_json(), "dfkd_arch": model.arch, **(extra or {})}
     with atomic_path(path) as tmp:

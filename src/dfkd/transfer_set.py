@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_path
+from dfkd.io import atomic_path, write_json
 
 FIELDS = ("x", "logits", "targets", "seeds")
 
@@ -74,8 +74,6 @@ class TransferSet:
         return {"x": data["x"][idx].float(), "logits": data["logits"][idx]}
 
     def write_meta(self, meta: dict) -> None:
-        from dfkd.io import write_json
-
         write_json(self.root / "meta.json", meta)
 
     def read_meta(self) -> dict:
