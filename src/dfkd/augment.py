@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 CHOICES = ("none", "shift", "shift+flip")
+FLIP_DATASETS = {"cifar10", "cifar100", "folder"}  # natural images: mirror images stay in class
 
 
 def shift_flip(x: torch.Tensor, gen: torch.Generator, shift: int, flip: bool) -> torch.Tensor:

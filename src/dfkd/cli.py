@@ -129,6 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=S)
     _common(p)
 
+    p = sub.add_parser("bench", help="every method side by side on one suite, with anchors")
+    p.add_argument("--suite", required=True,
+                   choices=("digits", "mnist", "cifar10", "cifar100", "throughput"))
+    p.add_argument("--methods", default=S, help="all (default), default, or names like "
+                   "deepinv,noise; the real-data anchors kd_real and scratch_real always run")
+    p.add_argument("--budget", default=S, help="per method and seed (default: the suite's, "
+                   "60s for digits, 5m for mnist)")
+    p.add_argument("--seeds", type=int, default=S, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--out", default=S)
+    p.add_argument("--data-root", default=S, help="the suite dataset's files (not for digits)")
+    p.add_argument("--teacher-epochs", type=int, default=S)
+    p.add_argument("--teacher-cache", default=S,
+                   help="where trained suite teachers are kept (default ~/.cache/dfkd/teachers)")
+    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
+                   metavar="METHOD.KEY=VALUE", help="a method option, e.g. --set deepinv.steps=100")
+    p.add_argument("--eval-points", type=int, default=S)
+    p.add_argument("--device", default=S)
+    p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
+    p.add_argument("--batch-size", type=int, default=256, help="throughput: images per batch")
+    p.add_argument("--compile", action="store_true", help="throughput: also time torch.compile "
+                   "(CUDA)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML config (a benchmark's bench.yaml); flags override it")
+
     p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
     _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
     p.add_argument("--dataset", default=None, help="default: the dataset the model records")
@@ -170,8 +194,8 @@ def run(argv: list[str]) -> int:
     elif args.command == "methods":
         from dfkd.synthesis import list_methods, method_class
 
-        for name, doc in list_methods().items():
-            print(f"{name:<10} {method_class(name).family:<13} {doc}")
+        for name, doc in list_methods(anchors=True).items():
+            print(f"{name:<13} {method_class(name).family:<13} {doc}")
     elif args.command == "models":
         from dfkd.models import list_models
 
@@ -206,6 +230,8 @@ def run(argv: list[str]) -> int:
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")
+    elif args.command == "bench":
+        _bench(args, progress, command)
     elif args.command == "evaluate":
         _evaluate(args)
     return 0
@@ -213,6 +239,35 @@ def run(argv: list[str]) -> int:
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _bench(args, progress: bool, command: str) -> None:
+    if args.suite == "throughput":
+        from pathlib import Path
+
+        from dfkd.bench import machine_info
+        from dfkd.io import write_json
+        from dfkd.throughput import run_throughput
+
+        out = Path(getattr(args, "out", "runs/throughput"))
+        write_json(out / "machine.json", machine_info())
+        run_throughput(out, steps=args.steps, batch_size=args.batch_size, compile=args.compile,
+                       progress=progress)
+        print((out / "throughput.md").read_text())
+        return
+    from dfkd.bench import BenchConfig, run_bench
+
+    flags = _flags(args, ("suite", "methods", "budget", "seeds", "out", "data_root",
+                          "teacher_epochs", "teacher_cache", "eval_points", "device"))
+    if hasattr(args, "method_options"):
+        bad = [k for k, _ in args.method_options if "." not in k]
+        if bad:
+            raise DfkdError(f"bench --set takes METHOD.KEY=VALUE (e.g. deepinv.steps=100), got "
+                            f"'{bad[0]}'")
+        flags["method_options"] = dict(args.method_options)
+    cfg = _config(BenchConfig, args, flags)
+    run_bench(cfg, progress=progress, command=command)
+    print(f"results in {cfg.out}: results.json, results.md, curves.png, passes.png")
 
 
 def _evaluate(args) -> None:
@@ -246,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ndfkd: interrupted; rerun the same command with --resume to continue",
-              file=sys.stderr)
+        how = "the same command" if argv[:1] == ["bench"] else "the same command with --resume"
+        print(f"\ndfkd: interrupted; rerun {how} to continue", file=sys.stderr)
         return 130
 
 

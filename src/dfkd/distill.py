@@ -3,7 +3,10 @@
 Transfer-set methods run one synthesis round every `steps_per_round` student steps and the
 student samples minibatches from everything synthesized so far; online methods hand the student
 a fresh batch every step. The budget (wall clock or steps) covers synthesis and training alike;
-evaluation and checkpointing stop the clock. A checkpoint after every round and every
+evaluation and checkpointing stop the clock. A wall-clock budget is enforced inside synthesis
+too (`Synthesizer.should_stop`): a method that runs out of time mid-round is stopped there, the
+unfinished round is dropped, and the student is evaluated where it stands, so every method gets
+the same budget. A checkpoint after every round and every
 `checkpoint_seconds` holds the student, optimizer, synthesizer, RNG states and counters, so a
 resumed run replays exactly what the killed one would have done.
 """
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd import augment
@@ -151,6 +155,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             tset = TransferSet.open(out / "transfer_set", limit=0)
 
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
+    round_start = [0.0]  # perf_counter when the running synthesis call began
+    if synth and budget.seconds is not None:
+        synth.should_stop = lambda: (elapsed() + time.perf_counter() - round_start[0]
+                                     >= budget.seconds)
     passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
     total = budget.steps if budget.steps is not None else budget.seconds
     bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
@@ -175,9 +183,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     last_ckpt = time.monotonic()
     while not budget.done(state["step"], elapsed()):
         before = done_so_far()
-        t0 = time.perf_counter()
+        t0 = round_start[0] = time.perf_counter()
         if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"]:
             batch = synth.synthesize(student, state["rounds"])
+            if budget.done(state["step"], elapsed() + time.perf_counter() - t0):
+                state["synthesis_seconds"] += time.perf_counter() - t0
+                break  # out of time mid-round: the student stops where it stands
             tset.append(batch)
             last_x = batch["x"][:64].cpu()
             state["rounds"] += 1
@@ -188,9 +199,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             continue
         if family == "online":
             batch = synth.synthesize(student, state["step"])
-            last_x = batch["x"][:64].detach().cpu()
             t1 = time.perf_counter()
             state["synthesis_seconds"] += t1 - t0
+            if budget.done(state["step"], elapsed()):
+                break
+            last_x = batch["x"][:64].detach().cpu()
             t0 = t1
         else:
             batch = tset.sample(cfg.batch_size, gen)
@@ -201,7 +214,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 state["relabel_passes"] += x.shape[0]
         cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
         student.train()
-        loss = kd_loss(student(batch["x"].to(device)), batch["logits"].to(device), temperature)
+        loss = student_loss(student(batch["x"].to(device)), batch, temperature, device)
         if not torch.isfinite(loss):
             checkpoint()
             raise DfkdError(f"the student's loss became {loss.item()} at step {state['step']}; "
@@ -245,6 +258,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     return report
 
 
+def student_loss(logits: torch.Tensor, batch: dict, temperature: float, device) -> torch.Tensor:
+    """KD on the teacher's logits; plain cross-entropy for batches that carry true labels only
+    (the scratch_real anchor)."""
+    if "logits" in batch:
+        return kd_loss(logits, batch["logits"].to(device), temperature)
+    return F.cross_entropy(logits, batch["labels"].to(device))
+
+
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -269,4 +290,6 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
     }
     if budget.seconds is not None:
         report["budget_seconds"] = budget.seconds
+        spent = state["synthesis_seconds"] + state["train_seconds"]
+        report["budget_overrun_seconds"] = round(max(0.0, spent - budget.seconds), 3)
     return report

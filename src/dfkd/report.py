@@ -13,7 +13,7 @@ REQUIRED_KEYS = ("method", "teacher_acc", "student_acc", "agreement", "synthesis
                  "train_seconds", "teacher_passes", "seed", "dataset", "budget")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +36,7 @@ def image_grid(x: torch.Tensor, ncol: int | None = None) -> torch.Tensor:
 
 def save_samples(x: torch.Tensor, path: Path, title: str = "", labels=None) -> None:
     """Grid of up to 64 synthesized inputs, with the class each was made for if known."""
-    plt = _pyplot()
+    plt = pyplot()
     x = x[:64].detach().float().cpu()
     grid = image_grid(x).numpy()
     fig, ax = plt.subplots(figsize=(6, 6))
@@ -47,12 +47,12 @@ def save_samples(x: torch.Tensor, path: Path, title: str = "", labels=None) -> N
         title = f"{title}\nintended classes: " + " ".join(str(int(v)) for v in labels[:16]) + \
             (" ..." if len(labels) > 16 else "")
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_curves(records: list[dict], path: Path, title: str = "") -> None:
     """Student accuracy (and agreement) against wall time and against teacher passes."""
-    plt = _pyplot()
+    plt = pyplot()
     evals = [r for r in records if r.get("student_acc") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "seconds", "wall time in budget (s)"),
@@ -67,11 +67,11 @@ def save_curves(records: list[dict], path: Path, title: str = "") -> None:
     axes[0].set_ylabel("fraction")
     axes[0].legend(loc="lower right")
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> None:
+    plt = pyplot()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dfkd.augment import default_shift, shift_flip
+from dfkd.augment import FLIP_DATASETS, default_shift, shift_flip
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.distill import cosine_lr, make_optimizer, pick_device, prepare_run_dir
@@ -25,7 +25,6 @@ from dfkd.teacher import InputSpec, default_input_shape, new_classifier, save_cl
 
 DEFAULT_EPOCHS = {"digits": 40, "mnist": 10, "fashion-mnist": 20, "svhn": 30, "cifar10": 200,
                   "cifar100": 200, "folder": 30}
-FLIP_DATASETS = {"cifar10", "cifar100", "folder"}
 
 
 @dataclass

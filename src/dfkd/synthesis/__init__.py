@@ -1,6 +1,6 @@
 """Synthesis methods, one module per family, all behind `Synthesizer` (see base.py)."""
 
-from dfkd.synthesis import deepinversion, noise  # noqa: F401  (registers the methods)
+from dfkd.synthesis import deepinversion, noise, real_data  # noqa: F401  (registers them)
 from dfkd.synthesis.base import (
     Batch,
     Synthesizer,

@@ -32,10 +32,16 @@ class Synthesizer:
     family: ClassVar[str]  # "transfer_set" or "online"
     Options: ClassVar[type] = Options
     temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
+    uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
 
     def __init__(self, teacher: Classifier, options, seed: int):
         self.teacher, self.opts, self.seed = teacher, options, seed
         self.teacher_passes = 0  # images through the teacher (forward, with or without backward)
+
+    def should_stop(self) -> bool:
+        """True once the run's wall-clock budget is spent; the engine replaces this, and long
+        inner loops check it every step so that no method can overrun its budget."""
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -70,9 +76,11 @@ def register_method(cls: type[Synthesizer]) -> type[Synthesizer]:
     return cls
 
 
-def list_methods() -> dict[str, str]:
-    """Name -> one-line description (the first docstring line)."""
-    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_METHODS.items())}
+def list_methods(anchors: bool = False) -> dict[str, str]:
+    """Name -> one-line description (the first docstring line) of the data-free methods; with
+    `anchors`, also the benchmark anchors that train on real data."""
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_METHODS.items())
+            if anchors or not c.uses_real_data}
 
 
 def method_class(name: str) -> type[Synthesizer]:

@@ -76,6 +76,8 @@ class DeepInversionBase(Synthesizer):
             student_was_training = student.training
             student.eval()
         for _ in range(o.steps):
+            if self.should_stop():
+                break
             opt.zero_grad(set_to_none=True)
             x = self._augment(z, gen)
             logits = t.net(x)

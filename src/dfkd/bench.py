@@ -1,0 +1,363 @@
+"""`dfkd bench`: every method against the same teacher, at the same budget, in one command.
+
+A suite fixes the teacher and student architectures and the data. For each seed the harness
+trains (or reuses from its cache) the suite's teacher, then runs the two anchors that see real
+training data (`kd_real`, the ceiling, and `scratch_real`) and every requested data-free method
+through the one distillation engine, so budgets, evaluation schedule and student recipe are
+identical for all of them. Each finished (method, seed) run becomes one record of
+`results.json`; a rerun of the same command skips finished records and resumes unfinished runs
+from their checkpoints, so a crash or Ctrl-C loses at most a few seconds of work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dfkd import __version__
+from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config, to_dict
+from dfkd.distill import distill
+from dfkd.errors import DfkdError
+from dfkd.io import read_jsonl, write_json, write_text
+from dfkd.synthesis import list_methods, method_class
+from dfkd.train import TeacherConfig, train_teacher
+
+ANCHORS = ("kd_real", "scratch_real")
+DEFAULT_METHOD = DistillConfig.method
+
+
+@dataclass(frozen=True)
+class Suite:
+    dataset: str
+    teacher: str
+    student: str
+    budget: str  # the protocol's budget when --budget is not given
+    needs_data_root: bool = True
+
+
+SUITES = {
+    "digits": Suite("digits", "digits_cnn", "digits_cnn_quarter", "60s", needs_data_root=False),
+    "mnist": Suite("mnist", "lenet5", "lenet5_half", "5m"),
+    "cifar10": Suite("cifar10", "resnet34", "resnet18", "1h"),
+    "cifar100": Suite("cifar100", "resnet34", "resnet18", "1h"),
+}
+
+
+@dataclass
+class BenchConfig:
+    suite: str = "digits"
+    methods: str = "all"  # all | default | comma-separated names; the anchors always run
+    budget: str | None = None  # per method and seed; None: the suite's protocol budget
+    seeds: int = 3  # seeds 0 .. seeds-1, one teacher per seed
+    out: str = "runs/bench"
+    data_root: str | None = None
+    teacher_epochs: int | None = None  # None: train-teacher's per-dataset default
+    teacher_cache: str | None = None  # None: $DFKD_CACHE/teachers or ~/.cache/dfkd/teachers
+    device: str = "auto"
+    eval_points: int = 10
+    method_options: dict = field(default_factory=dict)  # "method.option" -> value
+
+
+# Settings that must match for records to share one table; methods and seeds may grow on rerun.
+_FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
+          "method_options")
+
+
+def resolve_methods(spec: str) -> list[str]:
+    """The anchors first, then the requested data-free methods (validated names)."""
+    names: list[str] = []
+    for token in [t.strip() for t in spec.split(",") if t.strip()]:
+        if token == "all":
+            names += list(list_methods())
+        elif token == "default":
+            names.append(DEFAULT_METHOD)
+        else:
+            method_class(token)  # one-line error listing the methods
+            names.append(token)
+    if not names:
+        raise DfkdError("--methods is empty; use all, default or names like deepinv,noise")
+    return list(dict.fromkeys([*ANCHORS, *names]))
+
+
+def options_for(method: str, cfg: BenchConfig, suite: Suite) -> dict:
+    opts = {k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
+            if k.split(".", 1)[0] == method}
+    if method_class(method).uses_real_data:
+        opts.setdefault("dataset", suite.dataset)
+        if cfg.data_root:
+            opts.setdefault("data_root", cfg.data_root)
+    return opts
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (they mean little without it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "memory_gib": memory, "gpu": gpu,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "dfkd": __version__}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu_count']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
+            f"GPU: {m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"Python {m['python']}")
+
+
+def teacher_cache_root(cfg: BenchConfig) -> Path:
+    if cfg.teacher_cache:
+        return Path(cfg.teacher_cache)
+    base = os.environ.get("DFKD_CACHE") or Path.home() / ".cache" / "dfkd"
+    return Path(base) / "teachers"
+
+
+def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> Path:
+    """Train the suite's teacher for `seed`, or reuse the cached one trained with the same
+    settings (the cache key hashes the full teacher configuration)."""
+    tcfg = TeacherConfig(dataset=suite.dataset, model=suite.teacher, data_root=cfg.data_root,
+                         epochs=cfg.teacher_epochs, seed=seed, device=cfg.device)
+    key = {k: v for k, v in to_dict(tcfg).items() if k not in ("out", "device")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    out = teacher_cache_root(cfg) / f"{cfg.suite}-{suite.teacher}-seed{seed}-{digest}"
+    if not (out / "teacher.safetensors").exists() or not (out / "report.json").exists():
+        train_teacher(dataclasses.replace(tcfg, out=str(out)), resume=True, progress=progress)
+    return out
+
+
+def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> list[dict]:
+    """Run (or complete) a benchmark; returns the records of results.json."""
+    if cfg.suite not in SUITES:
+        raise DfkdError(f"unknown suite '{cfg.suite}'; choose one of: "
+                        f"{', '.join([*SUITES, 'throughput'])}")
+    suite = SUITES[cfg.suite]
+    cfg = dataclasses.replace(cfg, budget=cfg.budget or suite.budget)
+    Budget.parse(cfg.budget)
+    if suite.needs_data_root and not cfg.data_root:
+        raise DfkdError(f"suite '{cfg.suite}' needs --data-root with the {suite.dataset} files "
+                        "(its anchors and evaluation use the real data)")
+    if cfg.seeds < 1:
+        raise DfkdError(f"--seeds must be at least 1, got {cfg.seeds}")
+    methods = resolve_methods(cfg.methods)
+    out = Path(cfg.out)
+    _check_same_settings(cfg, out)
+    machine = machine_info()
+    write_json(out / "machine.json", machine)
+    records = _load_records(out)
+    if command:
+        write_text(out / "command.txt", command + "\n")
+
+    todo = [(seed, m) for seed in range(cfg.seeds) for m in methods
+            if not any(r["method"] == m and r["seed"] == seed and "error" not in r
+                       for r in records)]
+    for i, (seed, method) in enumerate(todo):
+        teacher_dir = suite_teacher(cfg, suite, seed, progress)
+        run_dir = out / "runs" / method / f"seed{seed}"
+        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)), method=method,
+                             method_options=options_for(method, cfg, suite),
+                             student=suite.student, out=str(run_dir), budget=cfg.budget,
+                             seed=seed, device=cfg.device, eval_dataset=suite.dataset,
+                             data_root=cfg.data_root, eval_points=cfg.eval_points)
+        if progress:
+            tqdm.write(f"[{i + 1}/{len(todo)}] {method}, seed {seed}")
+        try:
+            report = distill(dcfg, resume=(run_dir / "config.yaml").exists(), progress=progress,
+                             command=command)
+            record = _record(report, method, run_dir)
+        except DfkdError as e:
+            record = {"method": method, "seed": seed, "error": str(e)}
+        records = [r for r in records if not (r["method"] == method and r["seed"] == seed)]
+        records.append(record)
+        records = with_gaps(records)
+        write_outputs(records, cfg, suite, machine, out, command)
+        if progress:
+            tqdm.write(_summary_line(record))
+    if not todo:
+        write_outputs(with_gaps(records), cfg, suite, machine, out, command)
+    return records
+
+
+def _check_same_settings(cfg: BenchConfig, out: Path) -> None:
+    saved = out / "bench.yaml"
+    if saved.exists():
+        old = load_config(BenchConfig, saved)
+        changed = [k for k in _FIXED if getattr(old, k) != getattr(cfg, k)]
+        if changed:
+            raise DfkdError(f"'{out}' holds a benchmark with different {', '.join(changed)}; "
+                            f"rerun with the settings in {saved} or choose another --out")
+    save_config(cfg, saved)
+
+
+def _load_records(out: Path) -> list[dict]:
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DfkdError(f"cannot read '{path}': {e}; move it away to start over") from None
+
+
+def _record(report: dict, method: str, run_dir: Path) -> dict:
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("student_acc") is not None]
+    curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc")} for r in evals]
+    return {**report, "family": method_class(method).family,
+            "uses_real_data": method_class(method).uses_real_data, "run_dir": str(run_dir),
+            "curve": curve}
+
+
+def with_gaps(records: list[dict]) -> list[dict]:
+    """gap = kd_real_acc - student_acc against the kd_real run of the same seed (None until
+    that anchor has finished)."""
+    ceiling = {r["seed"]: r["student_acc"] for r in records
+               if r["method"] == "kd_real" and r.get("student_acc") is not None}
+    for r in records:
+        if "error" not in r:
+            kd, acc = ceiling.get(r["seed"]), r.get("student_acc")
+            r["gap"] = None if kd is None or acc is None else round(kd - acc, 6)
+    return records
+
+
+def _summary_line(r: dict) -> str:
+    if "error" in r:
+        return f"  {r['method']} seed {r['seed']}: FAILED: {r['error']}"
+    gap = "" if r.get("gap") is None else f", gap to kd_real {100 * r['gap']:+.2f} points"
+    return f"  {r['method']} seed {r['seed']}: student {100 * r['student_acc']:.2f}%{gap}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per method: mean and std over seeds of the headline numbers."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        ok = [r for r in records if r["method"] == method and "error" not in r]
+        failed = [r for r in records if r["method"] == method and "error" in r]
+        row = {"method": method, "runs": len(ok), "failed": len(failed),
+               "error": failed[0]["error"] if failed else None,
+               "uses_real_data": bool(ok and ok[0].get("uses_real_data")),
+               "family": ok[0]["family"] if ok else None}
+        for key in ("student_acc", "gap", "agreement", "teacher_acc", "synthesis_seconds",
+                    "train_seconds", "teacher_passes", "steps"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            row[key] = _mean_std(values) if values else None
+        rows.append(row)
+    anchors = [r for r in rows if r["uses_real_data"]]
+    others = sorted((r for r in rows if not r["uses_real_data"]),
+                    key=lambda r: -(r["student_acc"] or (-1.0, 0))[0])
+    return anchors + others
+
+
+def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machine: dict,
+                     command: str) -> str:
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"# dfkd bench: {cfg.suite}", "",
+             f"{suite.teacher} -> {suite.student} on {suite.dataset}; budget {cfg.budget} per "
+             f"method and seed (synthesis + training, evaluation excluded); seeds "
+             f"{', '.join(map(str, seeds))}; the same teacher per seed for every method.", "",
+             f"Machine: {machine_line(machine)}.", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
+              "accuracy (points, same seed). kd_real and scratch_real see the real training "
+              "data; every other row is data-free.", "",
+              "| method | student acc | gap to kd_real | agreement | teacher acc | synthesis s |"
+              " train s | teacher passes | steps | runs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summarize(records):
+        if not row["runs"]:
+            lines.append(f"| {row['method']} | failed: {row['error']} | | | | | | | | 0 |")
+            continue
+        name = f"{row['method']} (real data)" if row["uses_real_data"] else row["method"]
+        lines.append("| " + " | ".join([
+            name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
+            _pm(row["teacher_acc"], 100), _pm(row["synthesis_seconds"], 1, 1),
+            _pm(row["train_seconds"], 1, 1), _passes(row["teacher_passes"]),
+            _pm(row["steps"], 1, 0), str(row["runs"]) + (f" ({row['failed']} failed)"
+                                                       if row["failed"] else "")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(value, scale: float, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    mean, std = value
+    return f"{scale * mean:.{digits}f} +- {scale * std:.{digits}f}"
+
+
+def _passes(value) -> str:
+    return "n/a" if value is None else f"{value[0]:.3g}"
+
+
+def write_outputs(records, cfg, suite, machine, out: Path, command: str) -> None:
+    write_json(out / "results.json", records)
+    write_text(out / "results.md", results_markdown(records, cfg, suite, machine, command))
+    title = f"{cfg.suite}: {suite.teacher} -> {suite.student}, {cfg.budget} per method"
+    save_comparison(records, "seconds", out / "curves.png", "wall time in budget (s)", title)
+    save_comparison(records, "teacher_passes", out / "passes.png",
+                    "teacher image passes (forward or forward+backward)", title, log_x=True)
+
+
+def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, title: str,
+                    log_x: bool = False) -> None:
+    """Student accuracy against `key` for every method on one figure: the mean over seeds,
+    interpolated onto a common grid, with a +-1 std band."""
+    import numpy as np
+
+    from dfkd.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in summarize(records):
+        curves = [r["curve"] for r in records if r["method"] == row["method"] and r.get("curve")]
+        curves = [[p for p in c if not log_x or p[key] > 0] for c in curves]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        lo = max(c[0][key] for c in curves)
+        hi = min(c[-1][key] for c in curves)
+        if hi <= lo:
+            grid = np.array([hi])
+        else:
+            grid = np.geomspace(lo, hi, 40) if log_x else np.linspace(lo, hi, 40)
+        ys = np.stack([np.interp(grid, [p[key] for p in c], [p["student_acc"] for p in c])
+                       for c in curves])
+        mean, std = ys.mean(0), ys.std(0)
+        style = "--" if row["uses_real_data"] else "-"
+        (line,) = ax.plot(grid, mean, style, marker="o" if len(grid) == 1 else None,
+                          label=f"{row['method']} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        if len(curves) > 1:
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.15, color=line.get_color())
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("student test accuracy")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title + ("\n(methods without teacher passes are not shown)" if log_x else ""),
+                 fontsize=10)
+    save_figure(fig, path)

@@ -1,0 +1,184 @@
+"""`dfkd bench`: anchors, gap, partial results that survive a crash, equal budgets."""
+
+import json
+
+import pytest
+import torch
+
+import dfkd.bench as bench
+from dfkd.bench import BenchConfig, resolve_methods, run_bench, with_gaps
+from dfkd.cli import main
+from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.distill import distill
+from dfkd.errors import DfkdError
+from dfkd.report import REQUIRED_KEYS
+from dfkd.synthesis import create_synthesizer, list_methods
+from dfkd.teacher import load_classifier
+
+OUTPUTS = ("results.json", "results.md", "curves.png", "passes.png", "machine.json",
+           "bench.yaml")
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(suite="digits", methods="deepinv,noise", budget="20steps", seeds=1,
+                out=str(tmp_path / "b"), teacher_epochs=1, teacher_cache=str(tmp_path / "cache"),
+                device="cpu", eval_points=2,
+                method_options={"deepinv.steps": 3, "deepinv.batch_size": 16,
+                                "noise.batch_size": 32, "kd_real.batch_size": 64,
+                                "scratch_real.batch_size": 64})
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = _cfg(tmp)
+    return cfg, run_bench(cfg, progress=False)
+
+
+def test_bench_writes_every_output_with_anchors_and_gap(finished):
+    cfg, records = finished
+    out = bench.Path(cfg.out)
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    assert [r["method"] for r in records] == ["kd_real", "scratch_real", "deepinv", "noise"]
+    kd = records[0]["student_acc"]
+    for r in records:
+        assert set(REQUIRED_KEYS) <= set(r) and r["seed"] == 0 and r["dataset"] == "digits"
+        assert r["gap"] == pytest.approx(kd - r["student_acc"], abs=1e-6)
+        assert r["curve"] and r["curve"][-1]["student_acc"] == r["student_acc"]
+    assert records[0]["gap"] == 0 and records[1]["teacher_passes"] == 0
+    assert json.loads((out / "results.json").read_text()) == records
+    md = (out / "results.md").read_text()
+    assert "kd_real (real data)" in md and "| deepinv |" in md and "| noise |" in md
+    machine = json.loads((out / "machine.json").read_text())
+    assert {"cpu_count", "cpu_model", "gpu", "torch"} <= set(machine)
+
+
+def test_same_teacher_for_every_method_of_a_seed(finished):
+    _, records = finished
+    assert len({r["teacher"] for r in records}) == 1
+    assert len({r["teacher_acc"] for r in records}) == 1
+
+
+def test_rerun_skips_finished_records(finished, monkeypatch):
+    cfg, records = finished
+    monkeypatch.setattr(bench, "distill", lambda *a, **k: pytest.fail("rerun distilled again"))
+    assert run_bench(cfg, progress=False) == records
+
+
+def test_crash_keeps_finished_records_and_rerun_completes(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, methods="noise")
+    calls = []
+
+    def crash_on_third(dcfg, **kw):
+        calls.append(dcfg.method)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return distill(dcfg, **kw)
+
+    monkeypatch.setattr(bench, "distill", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, progress=False)
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [r["method"] for r in saved] == ["kd_real", "scratch_real"]
+    monkeypatch.setattr(bench, "distill", distill)
+    records = run_bench(cfg, progress=False)
+    assert [r["method"] for r in records] == ["kd_real", "scratch_real", "noise"]
+    assert records[:2] == saved
+    # growing the seeds later only runs the new seed
+    grown = run_bench(_cfg(tmp_path, methods="noise", seeds=2), progress=False)
+    assert sorted((r["method"], r["seed"]) for r in grown) == sorted(
+        (m, s) for m in ("kd_real", "scratch_real", "noise") for s in (0, 1))
+
+
+def test_changed_settings_are_refused(finished):
+    cfg, _ = finished
+    with pytest.raises(DfkdError, match="different budget"):
+        run_bench(bench.dataclasses.replace(cfg, budget="30steps"), progress=False)
+
+
+def test_a_failing_method_is_recorded_and_the_rest_run(tmp_path):
+    cfg = _cfg(tmp_path, methods="noise", method_options={"kd_real.dataset": "mnist",
+                                                          "kd_real.data_root": str(tmp_path)})
+    records = run_bench(cfg, progress=False)
+    failed = [r for r in records if "error" in r]
+    assert [r["method"] for r in failed] == ["kd_real"] and "mnist" in failed[0]["error"]
+    assert all(r.get("gap") is None for r in records if "error" not in r)
+    assert "failed" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_method_names_are_checked_and_anchors_always_run():
+    assert resolve_methods("noise")[:2] == ["kd_real", "scratch_real"]
+    assert set(resolve_methods("all")) == set(list_methods(anchors=True))
+    assert resolve_methods("default")[-1] == DistillConfig.method
+    with pytest.raises(DfkdError, match="unknown method 'nope'"):
+        resolve_methods("noise,nope")
+    assert "kd_real" not in list_methods()
+
+
+def test_gap_is_per_seed():
+    records = [{"method": "kd_real", "seed": 0, "student_acc": 0.9},
+               {"method": "kd_real", "seed": 1, "student_acc": 0.8},
+               {"method": "x", "seed": 1, "student_acc": 0.7},
+               {"method": "x", "seed": 2, "student_acc": 0.7}]
+    gaps = [r["gap"] for r in with_gaps(records)]
+    assert gaps[:3] == [0, 0, pytest.approx(0.1)] and gaps[3] is None
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(DfkdError, match="needs --data-root"):
+        run_bench(_cfg(tmp_path, suite="mnist"), progress=False)
+    with pytest.raises(DfkdError, match="unknown suite 'imagenet'"):
+        run_bench(_cfg(tmp_path, suite="imagenet"), progress=False)
+
+
+def test_wall_clock_budget_stops_synthesis_mid_round(digits_teacher, tmp_path):
+    """A method whose round outlasts the budget is cut off and evaluated where it stands."""
+    cfg = DistillConfig(teacher=TeacherArgs(path=str(digits_teacher)), method="deepinv",
+                        method_options={"batch_size": 16, "steps": 10**6},
+                        student="digits_cnn_quarter", out=str(tmp_path / "r"), budget="1s",
+                        device="cpu", eval_dataset="digits", eval_points=2)
+    report = distill(cfg, progress=False)
+    assert report["steps"] == 0 and report["synthesis_rounds"] == 0
+    assert 0 < report["teacher_passes"] < 10**6 * 16
+    assert report["student_acc"] is not None and "budget_overrun_seconds" in report
+
+
+def test_real_data_anchors(digits_teacher):
+    teacher = load_classifier(digits_teacher)
+    kd = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3)
+    a, b = kd.synthesize(None, 5), kd.synthesize(None, 5)
+    assert torch.equal(a["x"], b["x"]) and a["logits"].shape == (64, 10)
+    assert kd.teacher_passes == 128
+    scratch = create_synthesizer("scratch_real", teacher, {"batch_size": 64}, seed=3)
+    batch = scratch.synthesize(None, 0)
+    assert "logits" not in batch and batch["labels"].shape == (64,)
+    assert scratch.teacher_passes == 0
+    # an epoch is a permutation of the data, cut into batches
+    plain = create_synthesizer("scratch_real", teacher, {"batch_size": 64, "augment": False}, 3)
+    first = plain.synthesize(None, 0)
+    assert torch.equal(torch.sort(plain._order).values, torch.arange(len(plain.y)))
+    assert torch.equal(first["x"], plain.x[plain._order[:64]])
+    assert torch.equal(first["labels"], plain.y[plain._order[:64]])
+
+
+def test_anchor_without_dataset_is_a_clear_error(digits_teacher):
+    teacher = load_classifier(digits_teacher)
+    teacher.spec = bench.dataclasses.replace(teacher.spec, dataset=None)
+    with pytest.raises(DfkdError, match="needs real training data"):
+        create_synthesizer("kd_real", teacher, {}, 0)
+
+
+def test_cli_bench(capsys, tmp_path):
+    argv = ["bench", "--suite", "digits", "--methods", "noise", "--budget", "10steps",
+            "--seeds", "1", "--out", str(tmp_path / "b"), "--teacher-epochs", "1",
+            "--teacher-cache", str(tmp_path / "c"), "--eval-points", "1", "--device", "cpu",
+            "--set", "noise.batch_size=16", "--no-progress"]
+    assert main(argv) == 0
+    assert "results.md" in capsys.readouterr().out
+    records = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert {r["method"] for r in records} == {"kd_real", "scratch_real", "noise"}
+    assert main([*argv[:-3], "--set", "batch_size=16"]) == 2
+    assert "METHOD.KEY=VALUE" in capsys.readouterr().err
