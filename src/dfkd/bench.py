@@ -15,18 +15,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dfkd import __version__
 from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config, to_dict
 from dfkd.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
+from dfkd.machine import machine_info, machine_line
 from dfkd.synthesis import list_methods, method_class
 from dfkd.train import TeacherConfig, train_teacher
 
@@ -95,34 +94,6 @@ def options_for(method: str, cfg: BenchConfig, suite: Suite) -> dict:
         if cfg.data_root:
             opts.setdefault("data_root", cfg.data_root)
     return opts
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on (they mean little without it)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "memory_gib": memory, "gpu": gpu,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "dfkd": __version__}
-
-
-def machine_line(m: dict) -> str:
-    return (f"{m['cpu_count']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
-            f"GPU: {m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"Python {m['python']}")
 
 
 def teacher_cache_root(cfg: BenchConfig) -> Path:

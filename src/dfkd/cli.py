@@ -245,8 +245,8 @@ def _bench(args, progress: bool, command: str) -> None:
     if args.suite == "throughput":
         from pathlib import Path
 
-        from dfkd.bench import machine_info
         from dfkd.io import write_json
+        from dfkd.machine import machine_info
         from dfkd.throughput import run_throughput
 
         out = Path(getattr(args, "out", "runs/throughput"))

@@ -48,11 +48,11 @@ class BNStatsHook:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        x = inputs[0]
+        x = inputs[0].float()  # float32 statistics even under bf16 autocast (no-op in fp32)
         dims = [0] + list(range(2, x.ndim))
         mean = x.mean(dims)
         var = x.var(dims, unbiased=False)
-        rm, rv = module.running_mean, module.running_var
+        rm, rv = module.running_mean.float(), module.running_var.float()
         self.loss = torch.norm(mean - rm, 2) + torch.norm(var - rv, 2)
 
     def remove(self):

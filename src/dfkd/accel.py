@@ -1,0 +1,68 @@
+"""Accelerator settings for a frozen teacher: bf16 autocast, channels_last, torch.compile.
+
+Synthesis spends nearly all its time in teacher forward/backward passes, so these settings are
+where speed comes from on a GPU. They change how the teacher runs, never what it computes beyond
+rounding: the BatchNorm prior is measured in float32 (see `dfkd.hooks.BNStatsHook`) and BN
+forward hooks keep firing under `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.teacher import Classifier
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Accel:
+    """How to run the teacher: precision (fp32 | bf16 autocast), channels_last, compile."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise DfkdError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got '{self.precision}'")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: 'fp32', 'bf16+channels_last', 'bf16+channels_last+compile'."""
+        flags = [f for f, on in (("channels_last", self.channels_last),
+                                 ("compile", self.compile)) if on]
+        return "+".join([self.precision, *flags])
+
+    def prepare(self, classifier: Classifier) -> Classifier:
+        """Convert `classifier.net` in place (memory format, compiled wrapper); returns it.
+
+        For teachers that are only run: a compiled net's state_dict keys gain an `_orig_mod.`
+        prefix. Compilation is lazy (first forward). Dynamo traces the forward hooks that exist
+        at that point (the BN hooks' side effects replay after the compiled graph), but by
+        default it does not guard on hooks, so hooks registered after the first call would be
+        silently skipped; we turn those guards on so that adding or removing hooks recompiles.
+        """
+        if self.channels_last:
+            classifier.net = classifier.net.to(memory_format=torch.channels_last)
+        if self.compile:
+            # imported here: torch._dynamo adds about a second to `import dfkd`
+            from torch._dynamo import config as dynamo_config
+            from torch._dynamo.eval_frame import OptimizedModule
+
+            if not isinstance(classifier.net, OptimizedModule):
+                # Process-wide dynamo setting: a correct BN prior beats a cheaper guard check.
+                dynamo_config.skip_nnmodule_hook_guards = False
+                classifier.net = torch.compile(classifier.net)
+        return classifier
+
+    def autocast(self, device: torch.device | str) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the device's type for precision 'bf16', else a no-op context."""
+        if self.precision == "bf16":
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

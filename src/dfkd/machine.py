@@ -1,0 +1,43 @@
+"""What numbers were measured on: they mean little without the CPU, GPU and torch version."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from dfkd import __version__
+
+
+def device_name(device: torch.device) -> str:
+    """The CPU model (from /proc/cpuinfo) or the GPU name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpu = device_name(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "cpu_model": device_name(torch.device("cpu")),
+            "memory_gib": memory, "gpu": gpu, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "dfkd": __version__}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu_count']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
+            f"GPU: {m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"Python {m['python']}")
