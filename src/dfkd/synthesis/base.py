@@ -64,6 +64,10 @@ class Synthesizer:
     def batch_seed(self, index: int) -> int:
         return (self.seed * 1_000_003 + index) % (2**63)
 
+    def seeds(self, index: int, n: int) -> torch.Tensor:
+        """The `seeds` column of batch `index`: what reproduces each of its n samples."""
+        return torch.full((n,), self.batch_seed(index), dtype=torch.long)
+
     def state_dict(self) -> dict:
         return {"teacher_passes": self.teacher_passes}
 

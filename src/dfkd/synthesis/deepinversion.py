@@ -100,8 +100,8 @@ class DeepInversionBase(Synthesizer):
         if use_student:
             student.train(student_was_training)
         x = t.denormalize(z.detach()).clamp(0, 1).half().float()
-        seeds = torch.full((o.batch_size,), self.batch_seed(index), dtype=torch.long)
-        return {"x": x, "logits": self.label(x), "targets": y, "seeds": seeds}
+        return {"x": x, "logits": self.label(x), "targets": y,
+                "seeds": self.seeds(index, o.batch_size)}
 
     def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.jitter:

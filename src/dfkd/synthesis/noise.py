@@ -31,4 +31,4 @@ class Noise(Synthesizer):
         x = t.denormalize(z).clamp(0, 1)
         return {"x": x, "logits": self.label(x),
                 "targets": torch.full((o.batch_size,), -1, dtype=torch.long),
-                "seeds": torch.full((o.batch_size,), self.batch_seed(index), dtype=torch.long)}
+                "seeds": self.seeds(index, o.batch_size)}

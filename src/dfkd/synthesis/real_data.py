@@ -68,9 +68,6 @@ class RealData(Synthesizer):
                            self.flip)
         return x.to(self.device), self.y[idx]
 
-    def seeds(self, index: int) -> torch.Tensor:
-        return torch.full((self.opts.batch_size,), self.batch_seed(index), dtype=torch.long)
-
 
 @register_method
 class KDReal(RealData):
@@ -80,7 +77,7 @@ class KDReal(RealData):
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
-        return {"x": x, "logits": self.label(x), "targets": y, "seeds": self.seeds(index)}
+        return {"x": x, "logits": self.label(x), "targets": y, "seeds": self.seeds(index, len(y))}
 
 
 @register_method
@@ -91,4 +88,4 @@ class ScratchReal(RealData):
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
-        return {"x": x, "labels": y, "targets": y, "seeds": self.seeds(index)}
+        return {"x": x, "labels": y, "targets": y, "seeds": self.seeds(index, len(y))}
