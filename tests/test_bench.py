@@ -118,6 +118,24 @@ def test_method_names_are_checked_and_anchors_always_run():
     assert "kd_real" not in list_methods()
 
 
+def test_method_variants_are_rows_of_their_own(tmp_path):
+    assert bench.split_variant("mvn[sigma=0.5; cov=bn]") == ("mvn", {"sigma": "0.5", "cov": "bn"})
+    assert resolve_methods("noise,noise[batch_size=8;lr=0.1],deepinv")[2:] == [
+        "noise", "noise[batch_size=8;lr=0.1]", "deepinv"]
+    with pytest.raises(DfkdError, match="bad option 'lr' in 'noise\\[lr\\]'"):
+        bench.split_variant("noise[lr]")
+    with pytest.raises(DfkdError, match="unknown method 'nope'"):
+        resolve_methods("nope[a=1]")
+    cfg = _cfg(tmp_path, methods="noise,noise[batch_size=8]")
+    records = run_bench(cfg, progress=False)
+    plain, variant = records[2], records[3]
+    assert (plain["method"], variant["method"]) == ("noise", "noise[batch_size=8]")
+    assert plain["method_options"]["batch_size"] == 32
+    assert variant["method_options"]["batch_size"] == 8
+    assert variant["run_dir"].endswith("runs/noise_batch_size=8/seed0")
+    assert "| noise[batch_size=8] |" in (bench.Path(cfg.out) / "results.md").read_text()
+
+
 def test_gap_is_per_seed():
     records = [{"method": "kd_real", "seed": 0, "student_acc": 0.9},
                {"method": "kd_real", "seed": 1, "student_acc": 0.8},

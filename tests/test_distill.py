@@ -85,10 +85,17 @@ def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("where", ["training", "after_part_written", "online"])
+RESUME_OPTIONS = {"deepinv": {"batch_size": 32, "steps": 4}, "noise": {"batch_size": 16},
+                  "mvn": {"batch_size": 20, "steps": 4, "center_steps": 5, "bootstrap_size": 32},
+                  "zskd": {"batch_size": 20, "steps": 4}}
+
+
+@pytest.mark.parametrize("where,method", [
+    ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
+    ("after_part_written", "mvn"), ("after_part_written", "zskd")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
-                                                        where):
-    kw = dict(method="noise", method_options={"batch_size": 16}) if where == "online" else {}
+                                                        where, method):
+    kw = dict(method=method, method_options=RESUME_OPTIONS[method])
     full = distill(_cfg(digits_teacher, tmp_path / "full", **kw), progress=False)
 
     class Killed(BaseException):

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,25 +71,45 @@ _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_poin
           "method_options")
 
 
+def split_variant(entry: str) -> tuple[str, dict]:
+    """'mvn[sigma=0.5;cov=bn]' -> ('mvn', {'sigma': '0.5', 'cov': 'bn'}): one method with its
+    own options, a row of its own (ablations in one table). A plain name has no options."""
+    match = re.fullmatch(r"([\w-]+)(?:\[([^\]]*)\])?", entry)
+    if not match:
+        raise DfkdError(f"bad method entry '{entry}'; write NAME or NAME[key=value;key=value]")
+    opts = {}
+    for item in [i.strip() for i in (match.group(2) or "").split(";") if i.strip()]:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DfkdError(f"bad option '{item}' in '{entry}'; write key=value")
+        opts[key.strip()] = value.strip()
+    return match.group(1), opts
+
+
 def resolve_methods(spec: str) -> list[str]:
-    """The anchors first, then the requested data-free methods (validated names)."""
+    """The anchors first, then the requested data-free methods (validated names); an entry
+    may carry its own options, NAME[key=value;...]."""
     names: list[str] = []
-    for token in [t.strip() for t in spec.split(",") if t.strip()]:
+    for token in [t.strip() for t in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec)
+                  if t.strip()]:
         if token == "all":
             names += list(list_methods())
         elif token == "default":
             names.append(DEFAULT_METHOD)
         else:
-            method_class(token)  # one-line error listing the methods
+            method_class(split_variant(token)[0])  # one-line error listing the methods
             names.append(token)
     if not names:
         raise DfkdError("--methods is empty; use all, default or names like deepinv,noise")
     return list(dict.fromkeys([*ANCHORS, *names]))
 
 
-def options_for(method: str, cfg: BenchConfig, suite: Suite) -> dict:
+def options_for(entry: str, cfg: BenchConfig, suite: Suite) -> dict:
+    """--set METHOD.KEY=VALUE options, then the entry's own; anchors get the suite's data."""
+    method, own = split_variant(entry)
     opts = {k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
             if k.split(".", 1)[0] == method}
+    opts.update(own)
     if method_class(method).uses_real_data:
         opts.setdefault("dataset", suite.dataset)
         if cfg.data_root:
@@ -143,8 +164,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                        for r in records)]
     for i, (seed, method) in enumerate(todo):
         teacher_dir = suite_teacher(cfg, suite, seed, progress)
-        run_dir = out / "runs" / method / f"seed{seed}"
-        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)), method=method,
+        run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
+        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)),
+                             method=split_variant(method)[0],
                              method_options=options_for(method, cfg, suite),
                              student=suite.student, out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
@@ -189,12 +211,12 @@ def _load_records(out: Path) -> list[dict]:
         raise DfkdError(f"cannot read '{path}': {e}; move it away to start over") from None
 
 
-def _record(report: dict, method: str, run_dir: Path) -> dict:
+def _record(report: dict, entry: str, run_dir: Path) -> dict:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("student_acc") is not None]
     curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc")} for r in evals]
-    return {**report, "family": method_class(method).family,
-            "uses_real_data": method_class(method).uses_real_data, "run_dir": str(run_dir),
-            "curve": curve}
+    cls = method_class(split_variant(entry)[0])
+    return {**report, "method": entry, "family": cls.family,
+            "uses_real_data": cls.uses_real_data, "run_dir": str(run_dir), "curve": curve}
 
 
 def with_gaps(records: list[dict]) -> list[dict]:

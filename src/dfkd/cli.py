@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True,
                    choices=("digits", "mnist", "cifar10", "cifar100", "throughput"))
     p.add_argument("--methods", default=S, help="all (default), default, or names like "
-                   "deepinv,noise; the real-data anchors kd_real and scratch_real always run")
+                   "deepinv,noise; NAME[key=value;...] adds a variant with its own options "
+                   "(a row of its own); the real-data anchors kd_real and scratch_real always run")
     p.add_argument("--budget", default=S, help="per method and seed (default: the suite's, "
                    "60s for digits, 5m for mnist)")
     p.add_argument("--seeds", type=int, default=S, help="seeds 0..N-1 (default 3)")

@@ -288,6 +288,8 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "method_options": dict(vars(synth.opts)) if synth else {},
         "per_class_acc": final.get("per_class_acc"),
     }
+    if synth:
+        report.update(synth.report())
     if budget.seconds is not None:
         report["budget_seconds"] = budget.seconds
         spent = state["synthesis_seconds"] + state["train_seconds"]

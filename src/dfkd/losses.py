@@ -15,6 +15,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
 
 
+
+def soft_target_loss(logits: torch.Tensor, target: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """tau^2 * KL(target || softmax(logits / tau)), mean over the batch: cross-entropy to given
+    probabilities (ZSKD, MVN) minus their entropy, so a perfect match scores 0."""
+    t = temperature
+    log_p = F.log_softmax(logits.float() / t, dim=1)
+    return F.kl_div(log_p, target.float(), reduction="batchmean") * t * t
+
+
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
     """Jensen-Shannon divergence between two categorical distributions, mean over the batch."""

@@ -1,6 +1,12 @@
 """Synthesis methods, one module per family, all behind `Synthesizer` (see base.py)."""
 
-from dfkd.synthesis import deepinversion, noise, real_data  # noqa: F401  (registers them)
+from dfkd.synthesis import (  # noqa: F401  (registers the methods)
+    deepinversion,
+    mvn,
+    noise,
+    real_data,
+    zskd,
+)
 from dfkd.synthesis.base import (
     Batch,
     Synthesizer,

@@ -68,11 +68,37 @@ class Synthesizer:
         """The `seeds` column of batch `index`: what reproduces each of its n samples."""
         return torch.full((n,), self.batch_seed(index), dtype=torch.long)
 
+    def report(self) -> dict:
+        """Method-specific keys for report.json (e.g. label_mismatch)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"teacher_passes": self.teacher_passes}
 
     def load_state_dict(self, state: dict) -> None:
         self.teacher_passes = int(state["teacher_passes"])
+
+
+class CountsLabelMismatch:
+    """Mixin for methods that draw soft targets for intended classes: counts how often the
+    target's argmax is another class (`label_mismatch` in the report, resumable)."""
+
+    drawn = 0
+    mismatched = 0
+
+    def count_mismatch(self, target: torch.Tensor, classes: torch.Tensor) -> None:
+        self.drawn += len(classes)
+        self.mismatched += int((target.argmax(1) != classes).sum())
+
+    def report(self) -> dict:
+        return {"label_mismatch": self.mismatched / self.drawn if self.drawn else None}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "drawn": self.drawn, "mismatched": self.mismatched}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.drawn, self.mismatched = int(state["drawn"]), int(state["mismatched"])
 
 
 def register_method(cls: type[Synthesizer]) -> type[Synthesizer]:
