@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from dfkd.augment import apply, default_shift, shift_flip
+from dfkd.augment import apply, default_shift, random_affine, shift_flip
+from dfkd.errors import DfkdError
 
 
 def test_shift_moves_content_with_zero_fill_and_keeps_shape():
@@ -27,3 +29,22 @@ def test_flip_and_none():
     pairs = zip(flipped, x, strict=True)
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in pairs)
     assert default_shift(8) == 1 and default_shift(32) == 2
+
+
+def test_affine_is_identity_without_range_and_varies_per_sample_with_it():
+    x = torch.rand(16, 1, 12, 12)
+    still = random_affine(x, torch.Generator().manual_seed(0), 0, degrees=0.0, scale=(1.0, 1.0))
+    torch.testing.assert_close(still, x)
+    a = apply("affine", x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, apply("affine", x, torch.Generator().manual_seed(3)))
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert len({round(float((o - i).abs().sum()), 4) for o, i in zip(a, x, strict=True)}) == 16
+    digit = torch.zeros(1, 1, 32, 32)
+    digit[..., 8:24, 14:18] = 1.0  # a centred stroke keeps most of its ink under +-15 degrees
+    moved = random_affine(digit.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1), 2)
+    assert ((moved.sum((1, 2, 3)) / digit.sum()) - 1).abs().max() < 0.25
+
+
+def test_unknown_augmentation_is_a_clear_error():
+    with pytest.raises(DfkdError, match="unknown augmentation 'rotate'; choose one of"):
+        apply("rotate", torch.rand(2, 1, 8, 8), torch.Generator())

@@ -156,6 +156,18 @@ def test_wall_clock_budget_stops(digits_teacher, tmp_path):
     assert report["steps"] > 0 and report["budget_seconds"] == 6.0
 
 
+@pytest.mark.parametrize("method", ["mvn", "zskd"])
+def test_samples_per_class_finishes_the_transfer_set(digits_teacher, tmp_path, method):
+    """Once the set holds samples_per_class per class, synthesis stops and training goes on."""
+    opts = {"batch_size": 20, "steps": 2, "samples_per_class": 3}
+    if method == "mvn":
+        opts.update(center_steps=5, bootstrap_size=32)
+    report = distill(_cfg(digits_teacher, tmp_path / "r", method=method, method_options=opts),
+                     progress=False)
+    # 30 student steps at 10 per round would take 3 rounds; the cap (30 samples) stops at 2
+    assert (report["synthesis_rounds"], report["samples"], report["steps"]) == (2, 40, 30)
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digits_teacher,
                                                                            tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "kd_loss", lambda *a, **k: torch.tensor(float("nan"),

@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
     p.add_argument("--lr", type=float, default=S)
-    p.add_argument("--augment", choices=("none", "shift", "shift+flip"), default=S,
-                   help="augment stored samples and relabel them by the teacher (default shift)")
+    p.add_argument("--augment", choices=("none", "shift", "shift+flip", "affine", "affine+flip"),
+                   default=S, help="augment stored samples and relabel them by the teacher "
+                   "(default shift; affine adds rotation and scale)")
     p.add_argument("--steps-per-round", type=int, default=S,
                    help="student steps between synthesis rounds (transfer-set methods)")
     p.add_argument("--eval-points", type=int, default=S)

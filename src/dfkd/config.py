@@ -85,8 +85,8 @@ class DistillConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float | None = None  # None: 1e-3 for adam, 0.05 for sgd; cosine decay over the budget
     weight_decay: float = 5e-4
-    augment: str = "shift"  # none | shift | shift+flip on stored samples, relabelled by the
-    # teacher each step (a forward pass, far cheaper than synthesizing new samples)
+    augment: str = "shift"  # none | shift | shift+flip | affine | affine+flip on stored samples,
+    # relabelled by the teacher each step (a forward pass, far cheaper than a new sample)
     steps_per_round: int = 200  # student steps between synthesis rounds (transfer-set methods)
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
 

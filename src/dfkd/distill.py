@@ -159,6 +159,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     if synth and budget.seconds is not None:
         synth.should_stop = lambda: (elapsed() + time.perf_counter() - round_start[0]
                                      >= budget.seconds)
+    limit = synth.sample_limit() if synth else None  # a finished transfer set stops synthesis
     passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
     total = budget.steps if budget.steps is not None else budget.seconds
     bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
@@ -184,7 +185,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     while not budget.done(state["step"], elapsed()):
         before = done_so_far()
         t0 = round_start[0] = time.perf_counter()
-        if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"]:
+        if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"] \
+                and not (limit is not None and len(tset) >= limit):
             batch = synth.synthesize(student, state["rounds"])
             if budget.done(state["step"], elapsed() + time.perf_counter() - t0):
                 state["synthesis_seconds"] += time.perf_counter() - t0

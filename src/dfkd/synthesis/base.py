@@ -68,6 +68,13 @@ class Synthesizer:
         """The `seeds` column of batch `index`: what reproduces each of its n samples."""
         return torch.full((n,), self.batch_seed(index), dtype=torch.long)
 
+    def sample_limit(self) -> int | None:
+        """Size at which a transfer-set method stops synthesizing and the student trains on the
+        finished set: `samples_per_class` times the classes for methods with that option (0 or
+        absent: the set grows for the whole budget)."""
+        per_class = getattr(self.opts, "samples_per_class", 0)
+        return per_class * self.teacher.spec.num_classes if per_class > 0 else None
+
     def report(self) -> dict:
         """Method-specific keys for report.json (e.g. label_mismatch)."""
         return {}

@@ -70,6 +70,8 @@ class MVNOptions(Options):
     bn_weight: float = 1.0  # DeepInversion BN prior (not in the paper; 0 = the paper's loss)
     tv_weight: float = 0.001  # total-variation prior (as DeepInversion; 0 = the paper's loss)
     batch_size: int = 256  # samples per round, balanced over classes
+    samples_per_class: int = 0  # transfer-set size per class, then synthesis stops (0: the set
+    # grows for the whole budget)
     steps: int = 200  # Adam steps per round
     lr: float = 0.1  # Adam learning rate on normalized pixels
     jitter: int = -1  # random roll in pixels per step (-1: 1/16 of the side; 0: off)

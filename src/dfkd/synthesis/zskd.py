@@ -31,6 +31,8 @@ from dfkd.synthesis.base import (
 @dataclass
 class ZSKDOptions(Options):
     batch_size: int = 100  # impressions per round (paper: 100)
+    samples_per_class: int = 0  # impressions per class, then synthesis stops (paper, MNIST:
+    # 2400, i.e. 24,000 in all; 0: the set grows for the whole budget)
     steps: int = 1500  # Adam steps per round (paper: 1500)
     lr: float = 0.01  # Adam learning rate on normalized pixels (paper: 1e-3 on its scale)
     temperature: float = 20.0  # tau of the matching loss and of the student's KD (paper: 20)
