@@ -61,6 +61,19 @@ class Synthesizer:
         """A per-batch RNG derived from (seed, index): batches are reproducible on their own."""
         return torch.Generator(self.device).manual_seed(self.batch_seed(index))
 
+    def clamp_to_image_(self, z: torch.Tensor) -> None:
+        """Keep inputs optimized in normalized space inside the [0, 1] pixel range (in place,
+        after every optimizer step)."""
+        lo = self.teacher.normalize(torch.zeros(1, device=z.device))
+        hi = self.teacher.normalize(torch.ones(1, device=z.device))
+        with torch.no_grad():
+            z.copy_(torch.maximum(torch.minimum(z, hi), lo))
+
+    def stored_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Optimized inputs as [0, 1] pixels at the transfer set's float16 precision, so the
+        stored logits are the teacher's on exactly what is stored."""
+        return self.teacher.denormalize(z.detach()).clamp(0, 1).half().float()
+
     def batch_seed(self, index: int) -> int:
         return (self.seed * 1_000_003 + index) % (2**63)
 

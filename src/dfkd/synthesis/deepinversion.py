@@ -69,8 +69,6 @@ class DeepInversionBase(Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
-        lo, hi = t.normalize(torch.zeros(1, device=self.device)), t.normalize(
-            torch.ones(1, device=self.device))
         use_student = o.comp_weight > 0 and student is not None
         if use_student:
             student_was_training = student.training
@@ -94,12 +92,11 @@ class DeepInversionBase(Synthesizer):
                 loss = loss + o.comp_weight * (1.0 - js)
             loss.backward()
             opt.step()
-            with torch.no_grad():  # keep pixels inside [0, 1]
-                z.copy_(torch.maximum(torch.minimum(z, hi), lo))
+            self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
         if use_student:
             student.train(student_was_training)
-        x = t.denormalize(z.detach()).clamp(0, 1).half().float()
+        x = self.stored_pixels(z)
         return {"x": x, "logits": self.label(x), "targets": y,
                 "seeds": self.seeds(index, o.batch_size)}
 

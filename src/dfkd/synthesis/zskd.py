@@ -97,17 +97,14 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr)
-        lo = t.normalize(torch.zeros(1, device=self.device))
-        hi = t.normalize(torch.ones(1, device=self.device))
         for _ in range(o.steps):
             if self.should_stop():
                 break
             opt.zero_grad(set_to_none=True)
             soft_target_loss(t.net(z), target, o.temperature).backward()
             opt.step()
-            with torch.no_grad():
-                z.copy_(torch.maximum(torch.minimum(z, hi), lo))
+            self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
-        x = t.denormalize(z.detach()).clamp(0, 1).half().float()
+        x = self.stored_pixels(z)
         return {"x": x, "logits": self.label(x), "targets": y,
                 "seeds": self.seeds(index, o.batch_size)}
