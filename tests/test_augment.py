@@ -48,3 +48,13 @@ def test_affine_is_identity_without_range_and_varies_per_sample_with_it():
 def test_unknown_augmentation_is_a_clear_error():
     with pytest.raises(DfkdError, match="unknown augmentation 'rotate'; choose one of"):
         apply("rotate", torch.rand(2, 1, 8, 8), torch.Generator())
+
+
+def test_affine_flip_mirrors_some_of_the_affine_outputs():
+    x = torch.rand(32, 1, 12, 12)
+    plain = apply("affine", x, torch.Generator().manual_seed(5))
+    both = apply("affine+flip", x, torch.Generator().manual_seed(5))
+    same = [torch.equal(b, p) for b, p in zip(both, plain, strict=True)]
+    mirrored = [torch.equal(b, p.flip(2)) for b, p in zip(both, plain, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 0 < sum(mirrored) < 32

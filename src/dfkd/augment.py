@@ -22,10 +22,14 @@ def shift_flip(x: torch.Tensor, gen: torch.Generator, shift: int, flip: bool) ->
     rows = (dy + torch.arange(h).view(1, 1, h, 1)).expand(n, c, h, w)
     cols = (dx + torch.arange(w).view(1, 1, 1, w)).expand(n, c, h, w)
     out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-    if flip:
-        mask = torch.rand(n, generator=gen) < 0.5
-        out[mask] = out[mask].flip(3)
-    return out
+    return random_flip(out, gen) if flip else out
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch horizontally (in place on x)."""
+    mask = torch.rand(x.shape[0], generator=gen) < 0.5
+    x[mask] = x[mask].flip(3)
+    return x
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, shift: int, degrees: float = 15.0,
@@ -56,5 +60,5 @@ def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     shift = default_shift(x.shape[2])
     if name.startswith("affine"):
         out = random_affine(x, gen, shift)
-        return shift_flip(out, gen, 0, flip=True) if name == "affine+flip" else out
+        return random_flip(out, gen) if name == "affine+flip" else out
     return shift_flip(x, gen, shift, flip=name == "shift+flip")

@@ -15,7 +15,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
 
 
-
 def soft_target_loss(logits: torch.Tensor, target: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """tau^2 * KL(target || softmax(logits / tau)), mean over the batch: cross-entropy to given

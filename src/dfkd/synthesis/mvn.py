@@ -156,7 +156,6 @@ class MVN(CountsLabelMismatch, Synthesizer):
         cov = o.sigma**2 * scale[:, None] * corr * scale[None, :]
         self.factor, self.clipped_eigenvalues = repair_psd(cov)
         self.nonneg, self.mean_source = nonneg, mean_source
-        self.center = center
         self.class_centers = self._class_centers(center, scale)
 
     @torch.no_grad()
