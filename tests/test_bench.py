@@ -182,6 +182,16 @@ def test_real_data_anchors(digits_teacher):
     assert torch.equal(first["labels"], plain.y[plain._order[:64]])
 
 
+def test_kd_real_max_images_keeps_the_first_images_only(digits_teacher):
+    teacher = load_classifier(digits_teacher)
+    full = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3)
+    few = create_synthesizer("kd_real", teacher, {"batch_size": 64, "max_images": 100}, seed=3)
+    assert len(few.y) == 100 and torch.equal(few.x, full.x[:100])
+    assert set(few.synthesize(None, 7)["targets"].tolist()) <= set(full.y[:100].tolist())
+    with pytest.raises(DfkdError, match="max_images must be >= 0"):
+        create_synthesizer("kd_real", teacher, {"max_images": -1}, 0)
+
+
 def test_anchor_without_dataset_is_a_clear_error(digits_teacher):
     teacher = load_classifier(digits_teacher)
     teacher.spec = bench.dataclasses.replace(teacher.spec, dataset=None)

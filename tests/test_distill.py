@@ -166,6 +166,10 @@ def test_samples_per_class_finishes_the_transfer_set(digits_teacher, tmp_path, m
                      progress=False)
     # 30 student steps at 10 per round would take 3 rounds; the cap (30 samples) stops at 2
     assert (report["synthesis_rounds"], report["samples"], report["steps"]) == (2, 40, 30)
+    opts["samples_per_class"] = -1
+    with pytest.raises(DfkdError, match="samples_per_class must be >= 0"):
+        distill(_cfg(digits_teacher, tmp_path / "neg", method=method, method_options=opts),
+                progress=False)
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digits_teacher,

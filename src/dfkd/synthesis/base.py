@@ -32,6 +32,7 @@ class Synthesizer:
     family: ClassVar[str]  # "transfer_set" or "online"
     Options: ClassVar[type] = Options
     temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
+    student_loss: ClassVar[str] = "kd"  # the student's loss by default (e.g. l1 for DFAD)
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
 
     def __init__(self, teacher: Classifier, options, seed: int):
@@ -86,6 +87,8 @@ class Synthesizer:
         finished set: `samples_per_class` times the classes for methods with that option (0 or
         absent: the set grows for the whole budget)."""
         per_class = getattr(self.opts, "samples_per_class", 0)
+        if per_class < 0:
+            raise DfkdError(f"samples_per_class must be >= 0 (0: no cap), got {per_class}")
         return per_class * self.teacher.spec.num_classes if per_class > 0 else None
 
     def report(self) -> dict:

@@ -25,6 +25,8 @@ class RealDataOptions(Options):
     data_root: str = ""  # where its files are; "" = the dataset's default location
     batch_size: int = 256  # real images per student step
     augment: bool = True  # random shifts (plus flips on natural images), as in train-teacher
+    max_images: int = 0  # use only the first N training images (0: all): measures how many real
+    # images a synthetic transfer set is worth
 
 
 class RealData(Synthesizer):
@@ -43,8 +45,11 @@ class RealData(Synthesizer):
         if data.num_classes != teacher.spec.num_classes:
             raise DfkdError(f"dataset '{name}' has {data.num_classes} classes but the teacher "
                             f"predicts {teacher.spec.num_classes}")
-        self.x = fit_to_input(data.images, teacher.spec.shape, name=name)
-        self.y = data.labels
+        if options.max_images < 0:
+            raise DfkdError(f"max_images must be >= 0 (0: all), got {options.max_images}")
+        keep = options.max_images or len(data.labels)
+        self.x = fit_to_input(data.images[:keep], teacher.spec.shape, name=name)
+        self.y = data.labels[:keep]
         if len(self.y) < options.batch_size:
             raise DfkdError(f"dataset '{name}' has {len(self.y)} training images, fewer than "
                             f"batch_size={options.batch_size}")
