@@ -122,6 +122,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
         method, family = cfg.method, synth.family
         temperature = cfg.temperature or synth.temperature
+        synth.temperature = temperature  # --temperature reaches the method's own losses too
         tset = TransferSet(out / "transfer_set") if family == "transfer_set" else None
     prepare_run_dir(out, cfg, resume, command)
 
