@@ -60,7 +60,7 @@ class MVNOptions(Options):
     cov: str = "bn"  # bn | weights | bootstrap (see the module docstring; bn: lowest mismatch)
     mean: str = "auto"  # auto (bn if a BatchNorm feeds the layer, else bootstrap) | bn |
     # bootstrap | zero
-    sigma: float = 1.0  # Sigma = sigma^2 S R S (paper: 1.5 MNIST, 2.0 CIFAR-10; 1 measured best)
+    sigma: float = 1.5  # Sigma = sigma^2 S R S; paper: 1.5 MNIST, 2.0 CIFAR-10 (unverified)
     nonneg: str = "auto"  # relu | none | auto (relu when the layer's features are >= 0)
     center_steps: int = 100  # Adam steps placing the class centres (0: all at the mean)
     center_weight: float = 0.1  # pull of the class centres toward the layer's mean
