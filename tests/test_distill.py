@@ -10,6 +10,7 @@ from dfkd.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl
 from dfkd.report import REQUIRED_KEYS
+from dfkd.synthesis import method_class
 from dfkd.synthesize import SynthesizeConfig, synthesize_set
 from dfkd.transfer_set import TransferSet
 
@@ -88,11 +89,17 @@ def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path
 RESUME_OPTIONS = {"deepinv": {"batch_size": 32, "steps": 4}, "noise": {"batch_size": 16},
                   "mvn": {"batch_size": 20, "steps": 4, "center_steps": 5, "bootstrap_size": 32},
                   "zskd": {"batch_size": 20, "steps": 4}}
+GENERATOR = {"batch_size": 16, "nz": 16, "ngf": 8}
+RESUME_OPTIONS.update({m: GENERATOR for m in ("dafl", "zskt", "dfad", "dfq", "mad")})
+RESUME_OPTIONS["rdskd"] = {**GENERATOR, "g_iters": 6, "epoch": 4}
+RESUME_OPTIONS["fast"] = {**GENERATOR, "g_steps": 3, "warmup": 1}
 
 
 @pytest.mark.parametrize("where,method", [
     ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
-    ("after_part_written", "mvn"), ("after_part_written", "zskd")])
+    ("after_part_written", "mvn"), ("after_part_written", "zskd"),
+    *[("after_generator_step", m) for m in ("dafl", "zskt", "dfad", "dfq", "rdskd", "mad")],
+    ("after_part_written", "fast")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
                                                         where, method):
     kw = dict(method=method, method_options=RESUME_OPTIONS[method])
@@ -112,6 +119,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path
                 raise Killed
 
         monkeypatch.setattr(TransferSet, "append", append_then_die)
+    elif where == "after_generator_step":
+        # step 20 updates G in every schedule (RDSKD's G is frozen by then), and no checkpoint
+        # holds that update yet
+        cls = method_class(method)
+        original = cls.synthesize
+
+        def synthesize_then_die(self, student, index):
+            batch = original(self, student, index)
+            if index == 20:
+                raise Killed
+            return batch
+
+        monkeypatch.setattr(cls, "synthesize", synthesize_then_die)
     else:
         original = engine.kd_loss
 

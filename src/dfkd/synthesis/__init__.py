@@ -2,6 +2,8 @@
 
 from dfkd.synthesis import (  # noqa: F401  (registers the methods)
     deepinversion,
+    fast,
+    generative,
     mvn,
     noise,
     real_data,

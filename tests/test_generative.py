@@ -1,0 +1,292 @@
+"""The generator family: G objectives (golden values), schedules, adversarial gradients, the
+run's temperature, batches, resumable state and bounded memory, for every generator method."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+from dfkd.synthesis import create_synthesizer
+from dfkd.synthesis import fast as fast_mod
+from dfkd.synthesis import generative as gm
+from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
+
+ONLINE = ["dafl", "zskt", "dfad", "dfq", "rdskd", "mad"]
+ALL = ONLINE + ["fast"]
+ADVERSARIAL = ["zskt", "dfad", "dfq", "mad"]
+TINY = {"batch_size": 16, "nz": 16, "ngf": 8}
+EXTRA = {"rdskd": {"g_iters": 4, "epoch": 2}, "fast": {"g_steps": 3, "warmup": 1},
+         "dafl": {"lr_g": 0.01}}
+
+
+def _opts(method, **kw):
+    return {**TINY, **EXTRA.get(method, {}), **kw}
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_teacher):
+    return load_classifier(digits_teacher).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def student(teacher):
+    torch.manual_seed(0)
+    return new_classifier("digits_cnn_quarter", teacher.spec)
+
+
+def _fixed():
+    g = torch.Generator().manual_seed(0)
+    t, s = 3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)
+    return t, s, torch.randn(8, 16, generator=g), torch.randn(8, 1, 4, 4, generator=g)
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+# ---- golden values of the G objectives ----------------------------------------------------------
+
+def test_generator_objectives_golden_values():
+    t, s, f, x = _fixed()
+    near = t + 0.7 * s  # agrees with t on the argmax of 7 of the 8 rows
+    golden = {
+        "one_hot": (gm.one_hot_loss(t), 0.427083),
+        "activation": (gm.activation_loss(f), -0.712899),
+        "balance": (gm.balance_loss(t), -1.934492),
+        "dafl": (gm.dafl_loss(t, f), -9.316667),
+        "kl_tau1": (gm.kl_discrepancy(t, s, 1.0), 3.491945),
+        "kl_tau4": (gm.kl_discrepancy(t, s, 4.0), 7.846349),
+        "l1": (gm.l1_discrepancy(t, s), 3.214729),
+        "dfq": (gm.dfq_loss(t, s, torch.tensor(2.0), 4.0), -15.091726),
+        "diversity": (gm.diversity_ratio(x, t), 0.141715),
+        "rdskd": (gm.rdskd_loss(t, x, 0.1, -2.0)[0], 2.596333),
+        "masked_adv": (fast_mod.masked_adversarial(t, near, 4.0), -1.184924),
+        "fast": (fast_mod.fast_loss(t, near, torch.arange(8), torch.tensor(0.5), 4.0), 6.357857),
+    }
+    for name, (value, expected) in golden.items():
+        assert value.item() == pytest.approx(expected, abs=1e-4), name
+
+
+def test_objectives_behave_as_their_papers_say():
+    t, s, f, x = _fixed()
+    assert gm.balance_loss(torch.zeros(4, 10)).item() == pytest.approx(-math.log(10), abs=1e-6)
+    assert gm.balance_loss(torch.eye(10)[[3] * 6] * 20).item() > -0.01  # one class only: ~0
+    assert gm.kl_discrepancy(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert gm.l1_discrepancy(t, t).item() == 0.0
+    assert fast_mod.masked_adversarial(t, s, 4.0).item() == 0.0  # no row agrees: all masked
+    near = t + 0.7 * s  # one row disagrees: masked, so less than the full KL
+    assert -fast_mod.masked_adversarial(t, near, 4.0).item() < gm.kl_discrepancy(t, near, 4.0)
+    # RDSKD: exp of the increment over the snapshot, so a rising loss costs exponentially more
+    _, oh, ie = gm.rdskd_loss(t, x, 0.0, 0.0)
+    rising, _, _ = gm.rdskd_loss(t, x, oh.item() - 1.0, ie.item() - 1.0)
+    level, _, _ = gm.rdskd_loss(t, x, oh.item(), ie.item())
+    div = gm.diversity_ratio(x, t).item()
+    assert level.item() == pytest.approx(2 + div, abs=1e-5)
+    assert rising.item() == pytest.approx(2 * math.e + div, abs=1e-4)
+    assert not oh.requires_grad and not ie.requires_grad  # snapshots are detached
+    # the BN distance with momentum: the past dominates at momentum 0.9
+    mean, var, rm, rv = torch.ones(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    assert fast_mod.momentum_bn_distance(mean, var, rm, rv, None, 0.9).item() == pytest.approx(
+        math.sqrt(3))
+    past = (torch.zeros(3), torch.ones(3))
+    assert fast_mod.momentum_bn_distance(mean, var, rm, rv, past, 0.9).item() == pytest.approx(
+        0.1 * math.sqrt(3))
+
+
+# ---- batches, schedules, determinism ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL)
+def test_batch_is_valid_fresh_and_reproducible(teacher, student, method):
+    synth = create_synthesizer(method, teacher, _opts(method), seed=3)
+    a = synth.synthesize(student, 0)
+    assert a["x"].shape == (16, 1, 8, 8) and a["x"].min() >= 0 and a["x"].max() <= 1
+    assert torch.allclose(a["logits"], teacher(a["x"]), atol=1e-5)
+    assert a["seeds"].shape == (16,)
+    if method == "fast":
+        assert sorted(a["targets"].tolist()) == sorted(list(range(10)) + list(range(6)))
+    else:
+        assert (a["targets"] == -1).all()
+    b = synth.synthesize(student, 1)
+    assert not torch.equal(a["x"], b["x"])
+    assert a["x"].std() > 0.01  # not a constant image
+    again = create_synthesizer(method, teacher, _opts(method), seed=3)
+    torch.manual_seed(0)
+    student2 = new_classifier("digits_cnn_quarter", teacher.spec)
+    assert torch.equal(again.synthesize(student2, 0)["x"], a["x"])
+    assert torch.equal(again.synthesize(student2, 1)["x"], b["x"])
+    assert student.training and all(p.grad is None for p in student.parameters())
+
+
+@pytest.mark.parametrize("method,g_steps", [("dafl", 10), ("dfq", 10), ("zskt", 1), ("dfad", 2),
+                                            ("mad", 2), ("rdskd", 4)])
+def test_generator_schedule(teacher, student, method, g_steps):
+    synth = create_synthesizer(method, teacher, _opts(method), seed=0)
+    for i in range(10):
+        synth.synthesize(student, i)
+    assert synth.report() == {"generator_steps": g_steps}
+    # every G step and every batch is counted as teacher passes (16 images each)
+    assert synth.teacher_passes == 16 * (g_steps + 10)
+
+
+def test_rdskd_trains_g_first_then_freezes_it_and_refreshes_snapshots(teacher):
+    synth = create_synthesizer("rdskd", teacher, _opts("rdskd", g_iters=5, epoch=2), seed=0)
+    snapshots = []
+    original = synth.objective
+
+    def spy(*a):
+        out = original(*a)
+        snapshots.append(synth.oh_prev)
+        return out
+
+    synth.objective = spy
+    synth.synthesize(None, 0)
+    assert synth.g_steps == 5 and not synth.G.training
+    # refreshed after iterations 0, 2 and 4 only
+    assert snapshots[0] != 0.0 and snapshots[1] == snapshots[0] and snapshots[2] != snapshots[1]
+    assert snapshots[3] == snapshots[2] and snapshots[4] != snapshots[3]
+    frozen = _params(synth.G)
+    synth.synthesize(None, 1)
+    assert torch.equal(_params(synth.G), frozen) and synth.g_steps == 5
+
+
+def test_dafl_generator_loss_decreases(teacher):
+    synth = create_synthesizer("dafl", teacher, _opts("dafl", batch_size=64), seed=0)
+    losses = [synth.generator_step(None, synth.generator(i)).item() for i in range(30)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_mad_keeps_an_ema_copy_and_mixes_its_samples(teacher, student):
+    synth = create_synthesizer("mad", teacher, _opts("mad", g_every=1), seed=0)
+    before = _params(synth.G)
+    assert torch.equal(_params(synth.G_ema), before)
+    synth.synthesize(student, 0)
+    after = _params(synth.G)
+    assert torch.allclose(_params(synth.G_ema), 0.95 * before + 0.05 * after, atol=1e-6)
+    mixed = synth.sample(synth.generator(5), 16)
+    with torch.no_grad():
+        for p in synth.G_ema.parameters():
+            p.add_(0.1)
+    changed = synth.sample(synth.generator(5), 16)
+    assert torch.equal(mixed[:8], changed[:8])  # the first half comes from G
+    assert not torch.allclose(mixed[8:], changed[8:])  # the second from its EMA copy
+
+
+def test_fast_meta_learns_its_generator_and_momentum_statistics(teacher, student):
+    for meta in ("reptile", "fomaml"):
+        synth = create_synthesizer("fast", teacher, _opts("fast", meta=meta), seed=0)
+        before = _params(synth.G)
+        assert all(h.past is None for h in synth.bn_hooks)
+        synth.synthesize(student, 0)
+        assert not torch.equal(_params(synth.G), before), meta
+        assert all(h.past is not None for h in synth.bn_hooks)
+        assert synth.teacher_passes == 16 * (3 + 1)
+    with pytest.raises(DfkdError, match="meta must be reptile or fomaml"):
+        create_synthesizer("fast", teacher, _opts("fast", meta="maml"), seed=0)
+
+
+# ---- the adversarial term, the temperature ---------------------------------------------------
+
+def _mlp_pair():
+    """A teacher without BatchNorm and a student that equals it, and one that does not: train
+    mode changes nothing, so 'equal' holds in the G step too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    spec = InputSpec((1, 8, 8), (0.5,), (0.5,), 10)
+    t = Classifier(net, spec, "mlp").eval().requires_grad_(False)
+    same = Classifier(copy.deepcopy(net).requires_grad_(True), spec, "mlp")
+    other_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return t, same, Classifier(other_net, spec, "mlp")
+
+
+@pytest.mark.parametrize("method", ADVERSARIAL)
+def test_adversarial_term_reaches_g_only_when_student_and_teacher_differ(method):
+    t, same, other = _mlp_pair()
+    opts = _opts(method, g_every=1, **({"bn_weight": 0, "oh_weight": 0, "balance_weight": 0}
+                                       if method == "dfq" else {}))
+    grads = {}
+    for name, student in (("same", same), ("other", other)):
+        synth = create_synthesizer(method, t, opts, seed=0)
+        before = _params(synth.G)
+        loss = synth.generator_step(student, synth.generator(0)).item()
+        grad = max(p.grad.abs().max().item() for p in synth.G.parameters())
+        grads[name] = (loss, grad, (_params(synth.G) - before).abs().max().item())
+        assert all(p.grad is None for p in student.parameters())  # the student is not touched
+    loss, grad, _ = grads["same"]
+    assert abs(loss) < 1e-6 and grad < 1e-6
+    loss, grad, moved = grads["other"]
+    assert loss < -1e-3 and grad > 1e-5 and moved > 1e-5  # G maximizes the gap
+
+
+@pytest.mark.parametrize("method", ["zskt", "dfq", "mad", "fast"])
+def test_the_runs_temperature_reaches_the_generator_objective(teacher, student, method):
+    def g_after(temperature):
+        opts = _opts(method, warmup=0) if method == "fast" else _opts(method, g_every=1)
+        synth = create_synthesizer(method, teacher, opts, seed=0)
+        synth.temperature = temperature
+        s = copy.deepcopy(student)
+        synth.synthesize(s, 0)
+        return _params(synth.G)
+
+    assert not torch.allclose(g_after(1.0), g_after(4.0))
+
+
+def test_adversarial_methods_need_a_student(teacher):
+    with pytest.raises(DfkdError, match="trains its generator against the student"):
+        create_synthesizer("zskt", teacher, _opts("zskt"), 0).synthesize(None, 0)
+
+
+def test_generator_choice_errors(teacher):
+    with pytest.raises(DfkdError, match="no generator for 9x9 inputs; set generator=NAME"):
+        spec = InputSpec((1, 9, 9), (0.5,), (0.5,), 10)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(81, 10))
+        create_synthesizer("dafl", Classifier(net, spec, "mlp"), TINY, 0)
+    with pytest.raises(DfkdError, match="makes \\(1, 32, 32\\) inputs but the teacher expects"):
+        create_synthesizer("dafl", teacher, {**TINY, "generator": "generator_32"}, 0)
+    with pytest.raises(DfkdError, match="g_every must be positive, got 0"):
+        create_synthesizer("dfad", teacher, {**TINY, "g_every": 0}, 0)
+    with pytest.raises(DfkdError, match="ema_decay must be in"):
+        create_synthesizer("mad", teacher, {**TINY, "ema_decay": 1.0}, 0)
+
+
+# ---- resumable state, bounded memory ----------------------------------------------------------
+
+def _numel(state):
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(_numel(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_numel(v) for v in state)
+    return 0
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_state_restores_exactly_and_stays_bounded(teacher, student, method):
+    opts = _opts(method, g_every=1) if method in ONLINE else _opts(method)
+    synth = create_synthesizer(method, teacher, opts, seed=1)
+    s1 = copy.deepcopy(student)
+    for i in range(2):
+        synth.synthesize(s1, i)
+    state, s_state = synth.state_dict(), copy.deepcopy(s1.state_dict())
+    size = _numel(state)
+    tail = [synth.synthesize(s1, i)["x"] for i in range(2, 6)]
+    assert _numel(synth.state_dict()) == size  # nothing accumulates in the synthesizer
+    resumed = create_synthesizer(method, teacher, opts, seed=1)
+    resumed.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+    s2 = copy.deepcopy(student)
+    s2.load_state_dict(s_state)
+    for i, x in zip(range(2, 6), tail, strict=True):
+        assert torch.equal(resumed.synthesize(s2, i)["x"], x), (method, i)
+    assert resumed.teacher_passes == synth.teacher_passes
+
+
+def _roundtrip(state):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
