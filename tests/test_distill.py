@@ -102,7 +102,21 @@ RESUME_OPTIONS["fast"] = {**GENERATOR, "g_steps": 3, "warmup": 1}
     ("after_part_written", "fast")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
                                                         where, method):
-    kw = dict(method=method, method_options=RESUME_OPTIONS[method])
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,
+                            method_options=RESUME_OPTIONS[method])
+
+
+@pytest.mark.parametrize("where,method,loss", [
+    ("training", "deepinv", "crd"), ("after_part_written", "deepinv", "crd"),
+    ("training", "deepinv", "at"), ("online", "noise", "at")])
+def test_killed_run_resumes_exactly_with_every_student_loss(digits_teacher, tmp_path,
+                                                            monkeypatch, where, method, loss):
+    """CRD's memory and heads, and the RNG draws of its negatives, resume with the student."""
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,
+                            method_options=RESUME_OPTIONS[method], loss=loss)
+
+
+def _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, **kw):
     full = distill(_cfg(digits_teacher, tmp_path / "full", **kw), progress=False)
 
     class Killed(BaseException):
@@ -133,7 +147,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path
 
         monkeypatch.setattr(cls, "synthesize", synthesize_then_die)
     else:
-        original = engine.kd_loss
+        original = engine.student_loss
 
         def loss_then_die(*a, **k):
             calls["n"] += 1
@@ -141,7 +155,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path
                 raise Killed
             return original(*a, **k)
 
-        monkeypatch.setattr(engine, "kd_loss", loss_then_die)
+        monkeypatch.setattr(engine, "student_loss", loss_then_die)
     cfg = _cfg(digits_teacher, tmp_path / "killed", **kw)
     with pytest.raises(Killed):
         distill(cfg, progress=False)
@@ -194,8 +208,8 @@ def test_samples_per_class_finishes_the_transfer_set(digits_teacher, tmp_path, m
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digits_teacher,
                                                                            tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "kd_loss", lambda *a, **k: torch.tensor(float("nan"),
-                                                                        requires_grad=True))
+    monkeypatch.setattr(engine, "student_loss", lambda *a, **k: torch.tensor(float("nan"),
+                                                                             requires_grad=True))
     with pytest.raises(DfkdError, match="loss became nan at step 0; lower --lr"):
         distill(_cfg(digits_teacher, tmp_path / "r"), progress=False)
     assert (tmp_path / "r" / "checkpoint.pt").exists()

@@ -64,11 +64,13 @@ class BenchConfig:
     device: str = "auto"
     eval_points: int = 10
     method_options: dict = field(default_factory=dict)  # "method.option" -> value
+    loss: str = ""  # student loss of the data-free methods ("" = each method's own); the anchors
+    # keep theirs, so the ceiling stays the same
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options")
+          "method_options", "loss")
 
 
 def split_variant(entry: str) -> tuple[str, dict]:
@@ -168,6 +170,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
         dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)),
                              method=split_variant(method)[0],
                              method_options=options_for(method, cfg, suite),
+                             loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)

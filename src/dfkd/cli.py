@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=S)
     p.add_argument("--transfer-set", default=S, help="train on a set from `dfkd synthesize`")
     p.add_argument("--temperature", type=float, default=S)
+    p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
+                   help="the student's loss (default: the method's own, kd for most): kd, l1 on "
+                   "logits, at (KD + attention transfer), fa (KD + feature affinity), crd (KD + "
+                   "contrastive representation distillation; transfer-set methods only)")
+    p.add_argument("--loss-set", dest="loss_options", type=_key_value, action="append",
+                   default=S, metavar="KEY=VALUE",
+                   help="a student-loss option, e.g. --loss-set weight=100 (repeatable)")
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
     p.add_argument("--lr", type=float, default=S)
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where trained suite teachers are kept (default ~/.cache/dfkd/teachers)")
     p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
                    metavar="METHOD.KEY=VALUE", help="a method option, e.g. --set deepinv.steps=100")
+    p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
+                   help="the student's loss for every data-free method (default: each method's "
+                   "own); the anchors keep theirs")
     p.add_argument("--eval-points", type=int, default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
@@ -182,6 +192,8 @@ def _with_teacher(args, flags: dict) -> dict:
     flags["teacher"] = _teacher_args(args, "teacher")
     if hasattr(args, "method_options"):
         flags["method_options"] = dict(args.method_options)
+    if hasattr(args, "loss_options"):
+        flags["loss_options"] = dict(args.loss_options)
     return flags
 
 
@@ -217,8 +229,8 @@ def run(argv: list[str]) -> int:
         from dfkd.distill import distill
 
         flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
-                              "transfer_set", "temperature", "batch_size", "optimizer", "lr",
-                              "augment",
+                              "transfer_set", "temperature", "loss", "batch_size", "optimizer",
+                              "lr", "augment",
                               "steps_per_round", "eval_points", "seed", "device"))
         cfg = _config(DistillConfig, args, _with_teacher(args, flags))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
@@ -260,7 +272,7 @@ def _bench(args, progress: bool, command: str) -> None:
     from dfkd.bench import BenchConfig, run_bench
 
     flags = _flags(args, ("suite", "methods", "budget", "seeds", "out", "data_root",
-                          "teacher_epochs", "teacher_cache", "eval_points", "device"))
+                          "teacher_epochs", "teacher_cache", "eval_points", "device", "loss"))
     if hasattr(args, "method_options"):
         bad = [k for k, _ in args.method_options if "." not in k]
         if bad:

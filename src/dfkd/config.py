@@ -81,6 +81,9 @@ class DistillConfig:
     eval_points: int = 10  # evaluations spread evenly over the budget (reporting only)
     transfer_set: str | None = None  # train on a saved set instead of synthesizing
     temperature: float | None = None  # None: the method's default
+    loss: str = ""  # student loss: kd | l1 | at | fa | crd; "" = the method's default (kd for
+    # most, l1 for DFAD, at for ZSKT)
+    loss_options: dict = field(default_factory=dict)  # the loss's options, e.g. {"weight": 100}
     batch_size: int = 256  # student minibatch
     optimizer: str = "adam"  # adam | sgd
     lr: float | None = None  # None: 1e-3 for adam, 0.05 for sgd; cosine decay over the budget

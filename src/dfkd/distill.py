@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd import augment
@@ -28,8 +27,8 @@ from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
-from dfkd.losses import kd_loss
 from dfkd.report import save_curves, save_samples, write_report
+from dfkd.student_losses import StudentLoss, create_student_loss
 from dfkd.synthesis import create_synthesizer
 from dfkd.teacher import Classifier, new_classifier, save_classifier
 from dfkd.transfer_set import TransferSet
@@ -124,9 +123,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         tset = TransferSet(out / "transfer_set") if family == "transfer_set" else None
+    crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
+                               cfg.loss_options, teacher=teacher, student=student,
+                               temperature=temperature, method=method, family=family)
     prepare_run_dir(out, cfg, resume, command)
 
-    optimizer = make_optimizer(cfg.optimizer, student.parameters(), cfg.lr, cfg.weight_decay)
+    # the loss's own parameters (CRD's embedding heads) train with the student
+    optimizer = make_optimizer(cfg.optimizer, [*student.parameters(), *crit.parameters()],
+                               cfg.lr, cfg.weight_decay)
     base_lr = optimizer.param_groups[0]["lr"]
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "synthesis_seconds": 0.0, "train_seconds": 0.0, "rounds": 0,
@@ -138,6 +142,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         save_checkpoint(ckpt_path, student.net, optimizer, gen, state,
                         parts=len(tset.parts) if tset is not None and synth is not None else 0,
                         synth=synth.state_dict() if synth else {},
+                        student_loss=crit.state_dict(),
                         last_x=last_x if last_x is not None else torch.zeros(0))
 
     metrics_path = out / "metrics.jsonl"
@@ -145,6 +150,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         ckpt = load_checkpoint(ckpt_path, student.net, optimizer, gen, state)
         if synth:
             synth.load_state_dict(ckpt["synth"])
+        if "student_loss" in ckpt:  # absent from checkpoints written before --loss existed
+            crit.load_state_dict(ckpt["student_loss"])
         if family == "transfer_set":
             tset = TransferSet.open(out / "transfer_set", limit=ckpt["parts"])
         last_x = ckpt["last_x"] if ckpt["last_x"].numel() else None
@@ -210,14 +217,21 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             t0 = t1
         else:
             batch = tset.sample(cfg.batch_size, gen)
-            if cfg.augment != "none":
-                x = augment.apply(cfg.augment, batch["x"], gen).to(device)
-                with torch.no_grad():
-                    batch = {"x": x, "logits": teacher(x).float()}
-                state["relabel_passes"] += x.shape[0]
+        x = batch["x"].to(device)
+        teacher_logits = batch["logits"].to(device) if "logits" in batch else None
+        relabel = family != "online" and cfg.augment != "none"
+        if relabel:
+            x = augment.apply(cfg.augment, batch["x"], gen).to(device)
+        if relabel or (crit.needs_teacher and teacher_logits is not None):
+            # the teacher on exactly the student's batch: new targets after augmentation, and
+            # the features that at, fa and crd compare
+            with torch.no_grad(), crit.capture("teacher"):
+                teacher_logits = teacher(x).float()
+            state["relabel_passes"] += x.shape[0]
         cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
         student.train()
-        loss = student_loss(student(batch["x"].to(device)), batch, temperature, device)
+        loss = student_loss(crit, student, x, teacher_logits, batch, gen,
+                            len(tset) if tset is not None else 0)
         if not torch.isfinite(loss):
             checkpoint()
             raise DfkdError(f"the student's loss became {loss.item()} at step {state['step']}; "
@@ -249,8 +263,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     checkpoint()
     save_classifier(student, out / "student.safetensors",
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
+    crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), tset, synth, device)
+                          state, passes(), tset, synth, device, crit)
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -261,12 +276,17 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     return report
 
 
-def student_loss(logits: torch.Tensor, batch: dict, temperature: float, device) -> torch.Tensor:
-    """KD on the teacher's logits; plain cross-entropy for batches that carry true labels only
-    (the scratch_real anchor)."""
-    if "logits" in batch:
-        return kd_loss(logits, batch["logits"].to(device), temperature)
-    return F.cross_entropy(logits, batch["labels"].to(device))
+def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
+                 teacher_logits: torch.Tensor | None, batch: dict, gen: torch.Generator,
+                 set_size: int) -> torch.Tensor:
+    """The run's student loss on one batch: the student's forward with the loss's layers tapped.
+    `set_size` is the transfer set's current size (CRD's memory), `gen` the run's RNG."""
+    if teacher_logits is None and crit.name != "ce":
+        raise DfkdError(f"this method's batches carry true labels and no teacher logits, so "
+                        f"student loss '{crit.name}' cannot apply; leave --loss unset")
+    with crit.capture("student"):
+        logits = student(x)
+    return crit(logits, teacher_logits, batch, set_size=set_size, gen=gen)
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -274,7 +294,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
-                 teacher_passes, tset, synth, device) -> dict:
+                 teacher_passes, tset, synth, device, crit) -> dict:
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -289,7 +309,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "method_options": dict(vars(synth.opts)) if synth else {},
-        "per_class_acc": final.get("per_class_acc"),
+        "per_class_acc": final.get("per_class_acc"), **crit.report(),
     }
     if synth:
         report.update(synth.report())

@@ -68,10 +68,12 @@ class TransferSet:
         return self._cache
 
     def sample(self, batch_size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """A uniformly drawn minibatch: distinct samples within it, replaced between draws."""
+        """A uniformly drawn minibatch: distinct samples within it, replaced between draws.
+        `index` holds their positions in the set (stable: parts are only ever appended), which
+        CRD's memory is keyed by."""
         data = self.tensors()
         idx = torch.randperm(len(self), generator=gen)[:batch_size]
-        return {"x": data["x"][idx].float(), "logits": data["logits"][idx]}
+        return {"x": data["x"][idx].float(), "logits": data["logits"][idx], "index": idx}
 
     def write_meta(self, meta: dict) -> None:
         write_json(self.root / "meta.json", meta)

@@ -90,6 +90,7 @@ class ScratchReal(RealData):
     """Anchor (uses real data): the student trained on real labels alone, no teacher."""
 
     name = "scratch_real"
+    student_loss = "ce"  # true labels, no teacher
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
