@@ -136,7 +136,7 @@ def _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, **kw):
     elif where == "after_generator_step":
         # step 20 updates G in every schedule (RDSKD's G is frozen by then), and no checkpoint
         # holds that update yet
-        cls = method_class(method)
+        cls = method_class(kw["method"])
         original = cls.synthesize
 
         def synthesize_then_die(self, student, index):
