@@ -87,12 +87,14 @@ def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path
 
 RESUME_OPTIONS = {"deepinv": {"batch_size": 32, "steps": 4}, "noise": {"batch_size": 16},
                   "mvn": {"batch_size": 20, "steps": 4, "center_steps": 5, "bootstrap_size": 32},
-                  "zskd": {"batch_size": 20, "steps": 4}}
+                  "zskd": {"batch_size": 20, "steps": 4},
+                  "cmi": {"batch_size": 20, "steps": 4, "nz": 16, "ngf": 8, "negatives": 16}}
 
 
 @pytest.mark.parametrize("where,method", [
     ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
-    ("after_part_written", "mvn"), ("after_part_written", "zskd")])
+    ("after_part_written", "mvn"), ("after_part_written", "zskd"),
+    ("after_part_written", "cmi"), ("training", "cmi")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
                                                         where, method):
     kw = dict(method=method, method_options=RESUME_OPTIONS[method])
