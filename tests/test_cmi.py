@@ -167,7 +167,7 @@ def test_the_lowest_loss_batch_is_kept(teacher):
 
 
 def test_loss_decreases_within_a_round(teacher):
-    synth = create_synthesizer("cmi", teacher, {**TINY, "steps": 40, "lr": 0.01}, seed=0)
+    synth = create_synthesizer("cmi", teacher, {**TINY, "steps": 20, "lr": 0.003}, seed=0)
     values = []
     original = synth.loss
 
