@@ -6,7 +6,7 @@ optimizes both jointly with Adam on
     bn * BN(x) + oh * CE(T(x), y) + adv * (-KL(p_T || p_S) on the samples where S and T agree)
     + cr * InfoNCE,
 
-where x = G(z) seen through a *global view* (a random crop with zero padding). The InfoNCE term
+where x = G(z) seen through a *global view* (a random crop with black padding). The InfoNCE term
 is what CMI adds: an instance's embedding (the per-instance channel means of the inputs of every
 teacher BatchNorm, concatenated, through a 2-layer MLP head and L2-normalized) must be closer
 for a *local view* of the same image (a random resized crop) than for any other image of the
@@ -15,7 +15,7 @@ themselves apart, so the loss pushes them apart. The head is trained alongside (
 and lives across rounds, like the bank. The batch with the lowest loss of the round is kept, its
 features go into the bank, and the student trains by KD at T = 20 on everything kept.
 
-Choices where the paper and this toolkit differ, each an option:
+Choices the paper leaves open, or this toolkit makes differently:
 - G is the toolkit's generator (generators.py): its last layer is a non-affine BatchNorm, so it
   writes in the teacher's normalized input space; values are clamped to the [0, 1] pixel range
   in the forward pass with the gradient passed straight through (the stored image is what the
@@ -31,6 +31,9 @@ Choices where the paper and this toolkit differ, each an option:
 - Memory bank: a FIFO ring of at most `bank_size` rows (paper: 40,960): once full, each round's
   rows overwrite the oldest. Its rows are raw features (local and global view side by side) and
   are re-projected by the current head at every step, so they follow the head as it trains.
+  Memory: bank_size x 2 x feature_dim floats at most (115 MB for digits_cnn's 352 features at
+  the paper's cap); the checkpoint holds only the rows filled so far.
+- Classes are balanced over the batch (the reference draws them at random).
 """
 
 from __future__ import annotations
