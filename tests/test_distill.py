@@ -88,7 +88,8 @@ def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path
 
 RESUME_OPTIONS = {"deepinv": {"batch_size": 32, "steps": 4}, "noise": {"batch_size": 16},
                   "mvn": {"batch_size": 20, "steps": 4, "center_steps": 5, "bootstrap_size": 32},
-                  "zskd": {"batch_size": 20, "steps": 4}}
+                  "zskd": {"batch_size": 20, "steps": 4},
+                  "cmi": {"batch_size": 20, "steps": 4, "nz": 16, "ngf": 8, "negatives": 16}}
 GENERATOR = {"batch_size": 16, "nz": 16, "ngf": 8}
 RESUME_OPTIONS.update({m: GENERATOR for m in ("dafl", "zskt", "dfad", "dfq", "mad")})
 RESUME_OPTIONS["rdskd"] = {**GENERATOR, "g_iters": 6, "epoch": 4}
@@ -99,7 +100,7 @@ RESUME_OPTIONS["fast"] = {**GENERATOR, "g_steps": 3, "warmup": 1}
     ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
     ("after_part_written", "mvn"), ("after_part_written", "zskd"),
     *[("after_generator_step", m) for m in ("dafl", "zskt", "dfad", "dfq", "rdskd", "mad")],
-    ("after_part_written", "fast")])
+    ("after_part_written", "fast"), ("after_part_written", "cmi"), ("training", "cmi")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
                                                         where, method):
     _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,
