@@ -117,6 +117,14 @@ def test_killed_run_resumes_exactly_with_every_student_loss(digits_teacher, tmp_
                             method_options=RESUME_OPTIONS[method], loss=loss)
 
 
+def test_killed_run_resumes_exactly_with_lra(digits_teacher, tmp_path, monkeypatch):
+    """LRA's replay memory and ring position resume with the student (pushes at steps 4, 9,
+    14, 19: the memory is in use when the run dies at step 20)."""
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "after_generator_step",
+                            method="dfad", method_options=GENERATOR, update="lra",
+                            update_options={"every": 5, "memory": 3})
+
+
 def _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, **kw):
     full = distill(_cfg(digits_teacher, tmp_path / "full", **kw), progress=False)
 

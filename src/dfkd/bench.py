@@ -32,6 +32,7 @@ from dfkd.train import TeacherConfig, train_teacher
 
 ANCHORS = ("kd_real", "scratch_real")
 DEFAULT_METHOD = DistillConfig.method
+LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the paper's base
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_poin
 def split_variant(entry: str) -> tuple[str, dict]:
     """'mvn[sigma=0.5;cov=bn]' -> ('mvn', {'sigma': '0.5', 'cov': 'bn'}): one method with its
     own options, a row of its own (ablations in one table). A plain name has no options."""
-    match = re.fullmatch(r"([\w-]+)(?:\[([^\]]*)\])?", entry)
+    match = re.fullmatch(r"([\w+-]+)(?:\[([^\]]*)\])?", entry)
     if not match:
         raise DfkdError(f"bad method entry '{entry}'; write NAME or NAME[key=value;key=value]")
     opts = {}
@@ -88,6 +89,20 @@ def split_variant(entry: str) -> tuple[str, dict]:
     return match.group(1), opts
 
 
+def parse_entry(entry: str) -> tuple[str, dict, str]:
+    """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra'): the method, its options and
+    the student update (`+lra`; plain without a suffix), checked."""
+    name, opts = split_variant(entry)
+    method, _, update = name.partition("+")
+    cls = method_class(method)  # one-line error listing the methods
+    if update and update != "lra":
+        raise DfkdError(f"bad method entry '{entry}'; the only suffix is +lra (student update)")
+    if update and cls.family != "online":
+        raise DfkdError(f"'{entry}': +lra needs an online method (dafl, zskt, dfad, dfq, rdskd, "
+                        f"mad), not the {cls.family} method '{method}'")
+    return method, opts, update or "plain"
+
+
 def resolve_methods(spec: str) -> list[str]:
     """The anchors first, then the requested data-free methods (validated names); an entry
     may carry its own options, NAME[key=value;...]."""
@@ -95,11 +110,11 @@ def resolve_methods(spec: str) -> list[str]:
     for token in [t.strip() for t in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec)
                   if t.strip()]:
         if token == "all":
-            names += list(list_methods())
+            names += [*list_methods(), LRA_ENTRY]
         elif token == "default":
             names.append(DEFAULT_METHOD)
         else:
-            method_class(split_variant(token)[0])  # one-line error listing the methods
+            parse_entry(token)
             names.append(token)
     if not names:
         raise DfkdError("--methods is empty; use all, default or names like deepinv,noise")
@@ -108,7 +123,7 @@ def resolve_methods(spec: str) -> list[str]:
 
 def options_for(entry: str, cfg: BenchConfig, suite: Suite) -> dict:
     """--set METHOD.KEY=VALUE options, then the entry's own; anchors get the suite's data."""
-    method, own = split_variant(entry)
+    method, own, _ = parse_entry(entry)
     opts = {k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
             if k.split(".", 1)[0] == method}
     opts.update(own)
@@ -167,8 +182,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
     for i, (seed, method) in enumerate(todo):
         teacher_dir = suite_teacher(cfg, suite, seed, progress)
         run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
-        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)),
-                             method=split_variant(method)[0],
+        method_name, _, update = parse_entry(method)
+        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)), method=method_name,
+                             update=update,
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, out=str(run_dir), budget=cfg.budget,
@@ -217,7 +233,7 @@ def _load_records(out: Path) -> list[dict]:
 def _record(report: dict, entry: str, run_dir: Path) -> dict:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("student_acc") is not None]
     curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc")} for r in evals]
-    cls = method_class(split_variant(entry)[0])
+    cls = method_class(parse_entry(entry)[0])
     return {**report, "method": entry, "family": cls.family,
             "uses_real_data": cls.uses_real_data, "run_dir": str(run_dir), "curve": curve}
 

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-set", dest="loss_options", type=_key_value, action="append",
                    default=S, metavar="KEY=VALUE",
                    help="a student-loss option, e.g. --loss-set weight=100 (repeatable)")
+    p.add_argument("--update", choices=("plain", "lra"), default=S,
+                   help="student update of an online method: plain optimizer step (default) or "
+                   "lra (meta step on the new batch + replay memory of past ones)")
+    p.add_argument("--update-set", dest="update_options", type=_key_value, action="append",
+                   default=S, metavar="KEY=VALUE",
+                   help="a student-update option, e.g. --update-set memory=20 (repeatable)")
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
     p.add_argument("--lr", type=float, default=S)
@@ -192,8 +198,9 @@ def _with_teacher(args, flags: dict) -> dict:
     flags["teacher"] = _teacher_args(args, "teacher")
     if hasattr(args, "method_options"):
         flags["method_options"] = dict(args.method_options)
-    if hasattr(args, "loss_options"):
-        flags["loss_options"] = dict(args.loss_options)
+    for name in ("loss_options", "update_options"):
+        if hasattr(args, name):
+            flags[name] = dict(getattr(args, name))
     return flags
 
 
@@ -210,6 +217,9 @@ def run(argv: list[str]) -> int:
 
         for name, doc in list_methods(anchors=True).items():
             print(f"{name:<13} {method_class(name).family:<13} {doc}")
+        print(f"{'lra':<13} {'update':<13} a student update for any online method (--update lra; "
+              "bench: METHOD+lra): meta step on the new batch, replay memory of 10 past batches. "
+              "Patel et al., CVPR 2023")
     elif args.command == "models":
         from dfkd.models import list_models
 
@@ -229,7 +239,8 @@ def run(argv: list[str]) -> int:
         from dfkd.distill import distill
 
         flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
-                              "transfer_set", "temperature", "loss", "batch_size", "optimizer",
+                              "transfer_set", "temperature", "loss", "update", "batch_size",
+                              "optimizer",
                               "lr", "augment",
                               "steps_per_round", "eval_points", "seed", "device"))
         cfg = _config(DistillConfig, args, _with_teacher(args, flags))

@@ -84,6 +84,8 @@ class DistillConfig:
     loss: str = ""  # student loss: kd | l1 | at | fa | crd; "" = the method's default (kd for
     # most, l1 for DFAD, at for ZSKT)
     loss_options: dict = field(default_factory=dict)  # the loss's options, e.g. {"weight": 100}
+    update: str = "plain"  # student update of online methods: plain | lra (student_update.py)
+    update_options: dict = field(default_factory=dict)  # e.g. {"memory": 10}
     batch_size: int = 256  # student minibatch
     optimizer: str = "adam"  # adam | sgd
     lr: float | None = None  # None: 1e-3 for adam, 0.05 for sgd; cosine decay over the budget

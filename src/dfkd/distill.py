@@ -29,6 +29,7 @@ from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.student_losses import StudentLoss, create_student_loss
+from dfkd.student_update import create_update
 from dfkd.synthesis import create_synthesizer
 from dfkd.teacher import Classifier, new_classifier, save_classifier
 from dfkd.transfer_set import TransferSet
@@ -126,6 +127,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
+    update = create_update(cfg.update, cfg.update_options, family)
     prepare_run_dir(out, cfg, resume, command)
 
     # the loss's own parameters (CRD's embedding heads) train with the student
@@ -143,6 +145,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                         parts=len(tset.parts) if tset is not None and synth is not None else 0,
                         synth=synth.state_dict() if synth else {},
                         student_loss=crit.state_dict(),
+                        update=update.state_dict() if update else {},
                         last_x=last_x if last_x is not None else torch.zeros(0))
 
     metrics_path = out / "metrics.jsonl"
@@ -152,6 +155,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             synth.load_state_dict(ckpt["synth"])
         if "student_loss" in ckpt:  # absent from checkpoints written before --loss existed
             crit.load_state_dict(ckpt["student_loss"])
+        if update:
+            update.load_state_dict(ckpt["update"])
         if family == "transfer_set":
             tset = TransferSet.open(out / "transfer_set", limit=ckpt["parts"])
         last_x = ckpt["last_x"] if ckpt["last_x"].numel() else None
@@ -168,7 +173,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         synth.should_stop = lambda: (elapsed() + time.perf_counter() - round_start[0]
                                      >= budget.seconds)
     limit = synth.sample_limit() if synth else None  # a finished transfer set stops synthesis
-    passes = lambda: (synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
+    passes = lambda: ((synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
+                      + (update.teacher_passes if update else 0))
     total = budget.steps if budget.steps is not None else budget.seconds
     bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
                unit="step" if budget.steps is not None else "s", mininterval=0.5,
@@ -230,8 +236,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             state["relabel_passes"] += x.shape[0]
         cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
         student.train()
-        loss = student_loss(crit, student, x, teacher_logits, batch, gen,
-                            len(tset) if tset is not None else 0)
+        if update:
+            loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state["step"])
+        else:
+            loss = student_loss(crit, student, x, teacher_logits, batch, gen,
+                                len(tset) if tset is not None else 0)
         if not torch.isfinite(loss):
             checkpoint()
             raise DfkdError(f"the student's loss became {loss.item()} at step {state['step']}; "
@@ -265,7 +274,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), tset, synth, device, crit)
+                          state, passes(), tset, synth, device, crit, update)
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -294,7 +303,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
-                 teacher_passes, tset, synth, device, crit) -> dict:
+                 teacher_passes, tset, synth, device, crit, update) -> dict:
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -313,6 +322,8 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
     }
     if synth:
         report.update(synth.report())
+    if update:
+        report.update(update.report())
     if budget.seconds is not None:
         report["budget_seconds"] = budget.seconds
         spent = state["synthesis_seconds"] + state["train_seconds"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,7 +48,7 @@ from dfkd.losses import (
     logit_l1_loss,
     nce_loss,
 )
-from dfkd.synthesis.base import _coerce
+from dfkd.synthesis.base import build_options
 from dfkd.teacher import Classifier
 
 
@@ -429,12 +428,5 @@ def create_student_loss(name: str, options: dict, *, teacher: Classifier, studen
         raise DfkdError(f"student loss '{name}' needs a fixed transfer set to index its memory, "
                         f"but method '{method}' is online (a fresh batch every step); use a "
                         "transfer-set method such as deepinv or mvn, or --transfer-set DIR")
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    hints = typing.get_type_hints(cls.Options)
-    for key in options:
-        if key not in fields:
-            raise DfkdError(f"student loss '{name}' has no option '{key}'; options: "
-                            f"{', '.join(fields) or '(none)'}")
-    opts = cls.Options(**{k: _coerce(v, hints[k], f"loss option '{k}'")
-                          for k, v in options.items()})
+    opts = build_options(cls.Options, options, f"student loss '{name}'")
     return cls(opts, temperature, teacher, student)

@@ -144,15 +144,21 @@ def method_class(name: str) -> type[Synthesizer]:
 
 def parse_options(cls: type[Synthesizer], given: dict[str, object]) -> object:
     """Build the method's Options from `key=value` strings or values, checking names and types."""
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    hints = typing.get_type_hints(cls.Options)
+    return build_options(cls.Options, given, f"method '{cls.name}'")
+
+
+def build_options(options_cls: type, given: dict[str, object], owner: str) -> object:
+    """An Options dataclass from `key=value` strings or values: unknown names and values of the
+    wrong type are one-line errors naming `owner` (e.g. "student loss 'fa'")."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
     values = {}
     for key, raw in given.items():
         if key not in fields:
-            raise DfkdError(f"method '{cls.name}' has no option '{key}'; options: "
+            raise DfkdError(f"{owner} has no option '{key}'; options: "
                             f"{', '.join(fields) or '(none)'}")
-        values[key] = _coerce(raw, hints[key], f"{cls.name} option '{key}'")
-    return cls.Options(**values)
+        values[key] = _coerce(raw, hints[key], f"{owner} option '{key}'")
+    return options_cls(**values)
 
 
 def _coerce(raw, kind, what: str):
