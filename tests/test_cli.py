@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dfkd.cli import main
+from dfkd.config import DistillConfig
 
 
 def _ok(capsys, *argv) -> str:
@@ -22,6 +23,10 @@ def _error(capsys, *argv) -> str:
 def test_methods_and_models_are_listed(capsys):
     out = _ok(capsys, "methods")
     assert "deepinv" in out and "transfer_set" in out and "noise" in out and "online" in out
+    marked = [line.split()[0] for line in out.splitlines() if line.split()[:1] and
+              line.split()[0].endswith("*")]
+    assert marked == [f"{DistillConfig.method}*"]  # the one default, marked
+    assert "lra" in out and "update" in out
     out = _ok(capsys, "models")
     assert "lenet5_half" in out and "generator_32" in out
 
