@@ -152,6 +152,25 @@ def test_rdskd_trains_g_first_then_freezes_it_and_refreshes_snapshots(teacher):
     assert torch.equal(_params(synth.G), frozen) and synth.g_steps == 5
 
 
+def test_rdskd_stage_one_ends_at_its_share_of_a_wall_clock_budget(teacher):
+    """Without the share, stage 1's g_iters would fill a CPU budget and the student never
+    trains; the engine's budget_used() ends it at stage1_share."""
+    synth = create_synthesizer("rdskd", teacher, _opts("rdskd", g_iters=100, stage1_share=0.3),
+                               seed=0)
+    clock = iter(i / 10 for i in range(1000))  # each check: a tenth of the budget later
+    synth.budget_used = lambda: next(clock)
+    synth.synthesize(None, 0)
+    assert synth.g_steps == 3 and not synth.G.training  # checks at 0, 0.1, 0.2 pass
+    with pytest.raises(DfkdError, match="stage1_share must be in"):
+        create_synthesizer("rdskd", teacher, _opts("rdskd", stage1_share=0), seed=0)
+
+
+def test_generator_width_defaults_to_16_on_a_cpu(teacher):
+    synth = create_synthesizer("dfq", teacher, {"batch_size": 4}, seed=0)
+    assert synth.opts.ngf == 16 and synth.G.ngf == 16
+    assert create_synthesizer("dfq", teacher, {"batch_size": 4, "ngf": 8}, seed=0).G.ngf == 8
+
+
 def test_dafl_generator_loss_decreases(teacher):
     synth = create_synthesizer("dafl", teacher, _opts("dafl", batch_size=64), seed=0)
     losses = [synth.generator_step(None, synth.generator(i)).item() for i in range(30)]

@@ -44,6 +44,11 @@ class Synthesizer:
         inner loops check it every step so that no method can overrun its budget."""
         return False
 
+    def budget_used(self) -> float:
+        """The share of the run's wall-clock budget spent so far, in [0, 1] (0 under a step
+        budget); the engine replaces this, for methods that split the budget into stages."""
+        return 0.0
+
     @property
     def device(self) -> torch.device:
         return self.teacher.mean.device

@@ -153,7 +153,8 @@ def _positive(**values) -> None:
 class GeneratorOptions(Options):
     batch_size: int = 256  # samples per student step
     nz: int = 100  # latent size
-    ngf: int = 64  # generator width (zoo default)
+    ngf: int = 0  # generator width; 0 = 64 (the papers') on a GPU, 16 on a CPU, where G at 64
+    # costs more than the teacher and starves the student of steps (README, measured on digits)
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     lr_g: float = 1e-3  # Adam learning rate of G
     g_every: int = 1  # one G step every this many student steps
@@ -169,6 +170,8 @@ class GeneratorMethod(Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         o = options
+        if o.ngf == 0:
+            o.ngf = 64 if self.device.type == "cuda" else 16
         _positive(batch_size=o.batch_size, nz=o.nz, ngf=o.ngf, lr_g=o.lr_g, g_every=o.g_every)
         if o.batch_size < 2:
             raise DfkdError(f"batch_size must be at least 2 (batch statistics), got "
@@ -338,6 +341,9 @@ class DFQ(GeneratorMethod):
 class RDSKDOptions(GeneratorOptions):
     batch_size: int = 512  # (reference: 512)
     g_iters: int = 2400  # stage 1: G iterations before the student starts (reference: 20 x 120)
+    stage1_share: float = 0.5  # stage 1 ends at this share of a wall-clock budget if g_iters
+    # are not done by then (the reference has no budget: without this, stage 1 alone would fill
+    # a CPU budget and the student would never train)
     epoch: int = 120  # G iterations between snapshot refreshes (reference: 120)
     div_weight: float = 1.0  # diversity term (reference: 1)
 
@@ -346,10 +352,11 @@ class RDSKDOptions(GeneratorOptions):
 class RDSKD(GeneratorMethod):
     """RDSKD (Han et al., ICASSP 2021): G with exp penalties on loss increases, then KD at T=10.
 
-    Two stages in one budget: the first call trains G alone for `g_iters` iterations (stopped
-    early if the budget runs out), then G is frozen and sampled in eval mode (as the reference)
-    for every student step. The snapshots oh_prev, ie_prev start at 0 and are refreshed to the
-    losses of the first iteration of each `epoch` (the reference: the second).
+    Two stages in one budget: the first call trains G alone for `g_iters` iterations or until
+    `stage1_share` of a wall-clock budget is spent, whichever comes first; then G is frozen and
+    sampled in eval mode (as the reference) for every student step. The snapshots oh_prev,
+    ie_prev start at 0 and are refreshed to the losses of the first iteration of each `epoch`
+    (the reference: the second).
     """
 
     name = "rdskd"
@@ -359,10 +366,13 @@ class RDSKD(GeneratorMethod):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         _positive(g_iters=options.g_iters, epoch=options.epoch)
+        if not 0 < options.stage1_share <= 1:
+            raise DfkdError(f"stage1_share must be in (0, 1], got {options.stage1_share}")
         self.oh_prev, self.ie_prev = 0.0, 0.0
 
     def synthesize(self, student, index):
-        while self.g_steps < self.opts.g_iters and not self.should_stop():
+        while (self.g_steps < self.opts.g_iters and not self.should_stop()
+               and self.budget_used() < self.opts.stage1_share):
             self.generator_step(student, self.generator(-2 - self.g_steps))
         self.G.eval()
         return self.batch(self.sample(self.generator(index), self.opts.batch_size), index)
