@@ -145,3 +145,18 @@ def test_distill_with_lra_end_to_end(digits_teacher, tmp_path, capsys):
                  "lra", "--student", "digits_cnn_quarter", "--out", str(tmp_path / "bad"),
                  "--no-progress"]) == 2
     assert "transfer-set methods already replay" in capsys.readouterr().err
+
+
+def test_lra_with_a_feature_loss_passes_each_batch_through_the_teacher_once(digits_teacher,
+                                                                            tmp_path):
+    """zskt's student loss (at) reads teacher features: LRA taps them on each of its batches,
+    and the engine adds no pass of its own. 6 steps of 16, a G step at step 0, one push (2
+    samples) after step 1: G 16 + labels 6 x 16 + LRA 2 x 16 + 4 x (16 + 2 + 18)."""
+    cfg = DistillConfig(teacher=TeacherArgs(path=str(digits_teacher)), method="zskt",
+                        method_options={"batch_size": 16, "nz": 16, "ngf": 8}, update="lra",
+                        update_options={"every": 2}, student="digits_cnn_quarter",
+                        out=str(tmp_path / "r"), budget="6steps", device="cpu",
+                        eval_dataset="digits", eval_points=1, batch_size=16)
+    report = distill(cfg, progress=False)
+    assert report["student_loss"] == "at"
+    assert report["teacher_passes"] == 16 + 6 * 16 + 2 * 16 + 4 * (16 + 2 + 18)

@@ -230,9 +230,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         relabel = family != "online" and cfg.augment != "none"
         if relabel:
             x = augment.apply(cfg.augment, batch["x"], gen).to(device)
-        if relabel or (crit.needs_teacher and teacher_logits is not None):
+        if relabel or (crit.needs_teacher and teacher_logits is not None and not update):
             # the teacher on exactly the student's batch: new targets after augmentation, and
-            # the features that at, fa and crd compare
+            # the features that at, fa and crd compare (LRA taps them on each of its batches)
             with torch.no_grad(), crit.capture("teacher"):
                 teacher_logits = teacher(x).float()
             state["relabel_passes"] += x.shape[0]
