@@ -214,13 +214,15 @@ def run(argv: list[str]) -> int:
         quickstart(args.out, args.budget, args.seed, progress, args.teacher_epochs)
     elif args.command == "methods":
         from dfkd.config import DistillConfig
+        from dfkd.student_update import LRAOptions
         from dfkd.synthesis import list_methods, method_class
 
         for name, doc in list_methods(anchors=True).items():
             mark = "*" if name == DistillConfig.method else " "
             print(f"{name + mark:<13} {method_class(name).family:<13} {doc}")
         print(f"{'lra':<13} {'update':<13} a student update for any online method (--update lra; "
-              "bench: METHOD+lra): meta step on the new batch, replay memory of 10 past batches. "
+              "bench: METHOD+lra): meta step on the new batch, replay memory of "
+              f"{LRAOptions.memory} past batches. "
               "Patel et al., CVPR 2023")
         print("\n(*: the default of `dfkd distill`; `dfkd bench --methods default` selects it)")
     elif args.command == "models":

@@ -170,10 +170,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
     round_start = [0.0]  # perf_counter when the running synthesis call began
     if synth and budget.seconds is not None:
-        synth.should_stop = lambda: (elapsed() + time.perf_counter() - round_start[0]
-                                     >= budget.seconds)
         synth.budget_used = lambda: min(1.0, (elapsed() + time.perf_counter() - round_start[0])
                                         / budget.seconds)
+        synth.should_stop = lambda: synth.budget_used() >= 1.0
     limit = synth.sample_limit() if synth else None  # a finished transfer set stops synthesis
     passes = lambda: ((synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
                       + (update.teacher_passes if update else 0))
