@@ -60,7 +60,7 @@ def test_generator_objectives_golden_values():
         "kl_tau1": (gm.kl_discrepancy(t, s, 1.0), 3.491945),
         "kl_tau4": (gm.kl_discrepancy(t, s, 4.0), 7.846349),
         "l1": (gm.l1_discrepancy(t, s), 3.214729),
-        "dfq": (gm.dfq_loss(t, s, torch.tensor(2.0), 4.0), -15.091726),
+        "dfq": (gm.dfq_loss(t, s, 4.0), -17.091726),
         "diversity": (gm.diversity_ratio(x, t), 0.141715),
         "rdskd": (gm.rdskd_loss(t, x, 0.1, -2.0)[0], 2.596333),
         "masked_adv": (fast_mod.masked_adversarial(t, near, 4.0), -1.184924),
@@ -250,6 +250,19 @@ def test_the_runs_temperature_reaches_the_generator_objective(teacher, student, 
         return _params(synth.G)
 
     assert not torch.allclose(g_after(1.0), g_after(4.0))
+
+
+def test_bn_prior_adds_to_any_generator_loss(teacher):
+    def first_loss(**kw):
+        synth = create_synthesizer("dafl", teacher, _opts("dafl", **kw), seed=0)
+        return synth.generator_step(None, synth.generator(0)).item()
+
+    assert first_loss(bn_weight=2.0) - first_loss() > 0.1  # a positive BN distance, weighted
+    mlp = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+                     InputSpec((1, 8, 8), (0.5,), (0.5,), 10), "mlp")
+    with pytest.raises(DfkdError, match="no BatchNorm"):
+        create_synthesizer("dfq", mlp, TINY, 0)
+    assert create_synthesizer("dfq", mlp, {**TINY, "bn_weight": 0}, 0).bn_hooks == []
 
 
 def test_adversarial_methods_need_a_student(teacher):

@@ -11,7 +11,7 @@ below (golden-value tested); G minimizes:
     dafl   CE(T, argmax T) + 0.1 * (-mean |f_T|) + 5 * sum(pbar log pbar)       every step
     zskt   -tau^2 KL(p_T || p_S) at tau                                          1 per 10 S steps
     dfad   -mean |T(x) - S(x)| on logits                                         1 per 5 S steps
-    dfq    -tau^2 KL(p_T || p_S) + BN(x) + CE(T, argmax T) + 5 * sum(pbar log pbar)   every step
+    dfq    -tau^2 KL(p_T || p_S) + CE(T, argmax T) + 5 * sum(pbar log pbar) + BN(x)   every step
     rdskd  exp(oh - oh_prev) + exp(ie - ie_prev) + ||p2 - p1|| / ||x2 - x1||     stage 1 only
     mad    -tau^2 KL(p_T || p_S), and an EMA copy of G feeds half of each batch  1 per 5 S steps
 
@@ -81,11 +81,12 @@ def l1_discrepancy(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tens
     return (t_logits.float() - s_logits.float()).abs().mean()
 
 
-def dfq_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, bn: torch.Tensor | float,
-             temperature: float, adv_weight: float = 1.0, bn_weight: float = 1.0,
-             oh_weight: float = 1.0, balance_weight: float = 5.0) -> torch.Tensor:
-    """DFQ's generator loss: adversarial KL plus the BN, one-hot and balance priors."""
-    return (-adv_weight * kl_discrepancy(t_logits, s_logits, temperature) + bn_weight * bn
+def dfq_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float,
+             adv_weight: float = 1.0, oh_weight: float = 1.0,
+             balance_weight: float = 5.0) -> torch.Tensor:
+    """DFQ's generator loss without its BN prior (which every method here can add, see
+    `bn_weight`): adversarial KL plus the one-hot and class-balance priors."""
+    return (-adv_weight * kl_discrepancy(t_logits, s_logits, temperature)
             + oh_weight * one_hot_loss(t_logits) + balance_weight * balance_loss(t_logits))
 
 
@@ -158,6 +159,8 @@ class GeneratorOptions(Options):
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     lr_g: float = 1e-3  # Adam learning rate of G
     g_every: int = 1  # one G step every this many student steps
+    bn_weight: float = 0.0  # BatchNorm-statistics prior on G's samples (DeepInversion's; part
+    # of DFQ's loss, not of the others' papers: 0 = the paper's loss)
 
 
 class GeneratorMethod(Synthesizer):
@@ -179,6 +182,9 @@ class GeneratorMethod(Synthesizer):
         self.G = build_generator(teacher, o.generator, o.nz, o.ngf, self.batch_seed(-1))
         self.g_opt = torch.optim.Adam(self.G.parameters(), lr=o.lr_g)
         self.g_steps = 0  # G updates so far
+        if o.bn_weight < 0:
+            raise DfkdError(f"bn_weight must be >= 0, got {o.bn_weight}")
+        self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if o.bn_weight > 0 else []
 
     def objective(self, g: torch.Tensor, t_logits: torch.Tensor,
                   s_logits: torch.Tensor | None) -> torch.Tensor:
@@ -207,6 +213,8 @@ class GeneratorMethod(Synthesizer):
             student.train()
             s_logits = student.net(g)
         loss = self.objective(g, t_logits, s_logits)
+        if self.bn_hooks:
+            loss = loss + self.opts.bn_weight * sum(h.loss for h in self.bn_hooks)
         apply_gradient(self.g_opt, list(self.G.parameters()), loss)
         self.g_steps += 1
         self.after_generator_step()
@@ -311,8 +319,8 @@ class DFAD(GeneratorMethod):
 
 @dataclass
 class DFQOptions(GeneratorOptions):
-    adv_weight: float = 1.0  # adversarial KL (unverified)
     bn_weight: float = 1.0  # BN-statistics prior (unverified)
+    adv_weight: float = 1.0  # adversarial KL (unverified)
     oh_weight: float = 1.0  # one-hot prior (unverified)
     balance_weight: float = 5.0  # class-balance prior (unverified; DAFL's 5)
 
@@ -326,15 +334,10 @@ class DFQ(GeneratorMethod):
     temperature = 1.0  # (unverified)
     adversarial = True
 
-    def __init__(self, teacher, options, seed):
-        super().__init__(teacher, options, seed)
-        self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if options.bn_weight > 0 else []
-
     def objective(self, g, t_logits, s_logits):
         o = self.opts
-        bn = sum(h.loss for h in self.bn_hooks) if self.bn_hooks else 0.0
-        return dfq_loss(t_logits, s_logits, bn, self.temperature, o.adv_weight, o.bn_weight,
-                        o.oh_weight, o.balance_weight)
+        return dfq_loss(t_logits, s_logits, self.temperature, o.adv_weight, o.oh_weight,
+                        o.balance_weight)
 
 
 @dataclass
