@@ -193,6 +193,19 @@ def test_resuming_a_finished_run_reports_the_same(digits_teacher, tmp_path):
     assert _strip(distill(cfg, resume=True, progress=False)) == _strip(first)
 
 
+@pytest.mark.parametrize("method,flags,recipe", [
+    ("dfad", {}, ("sgd", 0.1)),  # the generator family's own student optimizer
+    ("dfad", {"optimizer": "adam"}, ("adam", 1e-3)),  # --optimizer picks the optimizer's lr
+    ("dfad", {"lr": 0.02}, ("sgd", 0.02)),
+    ("noise", {}, ("adam", 1e-3)), ("noise", {"optimizer": "sgd"}, ("sgd", 0.05))])
+def test_student_optimizer_is_the_methods_unless_given(digits_teacher, tmp_path, method, flags,
+                                                       recipe):
+    report = distill(_cfg(digits_teacher, tmp_path / "r", method=method, budget="2steps",
+                          method_options=GENERATOR if method == "dfad" else {"batch_size": 16},
+                          **flags), progress=False)
+    assert (report["optimizer"], report["lr"]) == recipe
+
+
 def test_wall_clock_budget_stops(digits_teacher, tmp_path):
     report = distill(_cfg(digits_teacher, tmp_path / "r", budget="6s", checkpoint_seconds=30.0),
                      progress=False)

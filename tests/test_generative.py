@@ -126,7 +126,7 @@ def test_generator_schedule(teacher, student, method, g_steps):
     synth = create_synthesizer(method, teacher, _opts(method), seed=0)
     for i in range(10):
         synth.synthesize(student, i)
-    assert synth.report() == {"generator_steps": g_steps}
+    assert synth.report()["generator_steps"] == g_steps
     # every G step and every batch is counted as teacher passes (16 images each)
     assert synth.teacher_passes == 16 * (g_steps + 10)
 
@@ -257,12 +257,17 @@ def test_bn_prior_adds_to_any_generator_loss(teacher):
         synth = create_synthesizer("dafl", teacher, _opts("dafl", **kw), seed=0)
         return synth.generator_step(None, synth.generator(0)).item()
 
-    assert first_loss(bn_weight=2.0) - first_loss() > 0.1  # a positive BN distance, weighted
+    # on by default (a positive BN distance, weighted); bn_weight=0 is the paper's loss
+    assert first_loss(bn_weight=2.0) - first_loss() > 0.1
+    assert first_loss() - first_loss(bn_weight=0) > 0.05
     mlp = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
                      InputSpec((1, 8, 8), (0.5,), (0.5,), 10), "mlp")
     with pytest.raises(DfkdError, match="no BatchNorm"):
-        create_synthesizer("dfq", mlp, TINY, 0)
+        create_synthesizer("dfq", mlp, TINY, 0)  # DFQ's own loss needs it
     assert create_synthesizer("dfq", mlp, {**TINY, "bn_weight": 0}, 0).bn_hooks == []
+    for method in ("dafl", "dfad", "mad"):  # an add-on elsewhere: off without BatchNorm
+        assert create_synthesizer(method, mlp, TINY, 0).report()["bn_prior"] is False
+    assert create_synthesizer("dafl", teacher, TINY, 0).report()["bn_prior"] is True
 
 
 def test_adversarial_methods_need_a_student(teacher):

@@ -131,8 +131,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     prepare_run_dir(out, cfg, resume, command)
 
     # the loss's own parameters (CRD's embedding heads) train with the student
-    optimizer = make_optimizer(cfg.optimizer, [*student.parameters(), *crit.parameters()],
-                               cfg.lr, cfg.weight_decay)
+    optimizer_name = cfg.optimizer or (synth.student_optimizer if synth else "adam")
+    lr = cfg.lr
+    if lr is None and synth and optimizer_name == synth.student_optimizer:
+        lr = synth.student_lr
+    optimizer = make_optimizer(optimizer_name, [*student.parameters(), *crit.parameters()],
+                               lr, cfg.weight_decay)
     base_lr = optimizer.param_groups[0]["lr"]
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "synthesis_seconds": 0.0, "train_seconds": 0.0, "rounds": 0,
@@ -275,7 +279,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), tset, synth, device, crit, update)
+                          state, passes(), tset, synth, device, crit, update,
+                          {"optimizer": optimizer_name, "lr": base_lr})
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -304,7 +309,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
-                 teacher_passes, tset, synth, device, crit, update) -> dict:
+                 teacher_passes, tset, synth, device, crit, update, recipe) -> dict:
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -315,6 +320,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "student": cfg.student, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
         "student_params": _params(student.net), "teacher_params": _params(teacher.net),
         "steps": state["step"], "synthesis_rounds": state["rounds"],
+        **recipe,
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
