@@ -33,7 +33,8 @@ Two defaults depart from the papers (other than DFQ's), both measured on the dig
 
 The objectives see G's raw output, as in the papers; the student sees the clamped pixels. The
 teacher stays in eval mode. The student runs in train mode in an adversarial objective (batch
-statistics, as it is trained; the references do the same) and is left in train mode; gradients reach G only (`torch.autograd.grad` on G's parameters), never the student.
+statistics, as it is trained; the references do the same) and is left in train mode; gradients
+reach G only (`torch.autograd.grad` on G's parameters), never the student.
 
 Resumable: G, its optimizer, the EMA copy, RDSKD's snapshots and the step counters are in
 `state_dict`; every random draw comes from a generator seeded by (seed, step), never the global
