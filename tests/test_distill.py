@@ -9,6 +9,7 @@ from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_co
 from dfkd.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl
+from dfkd.models import default_student
 from dfkd.report import REQUIRED_KEYS
 from dfkd.synthesis import method_class
 from dfkd.synthesize import SynthesizeConfig, synthesize_set
@@ -254,3 +255,12 @@ def test_unknown_student_and_method(digits_teacher, tmp_path):
         distill(_cfg(digits_teacher, tmp_path / "a", student="nonet"), progress=False)
     with pytest.raises(DfkdError, match="unknown method 'magic'"):
         distill(_cfg(digits_teacher, tmp_path / "b", method="magic"), progress=False)
+
+
+def test_a_zoo_teacher_gets_its_usual_student(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "r", student="", budget="2steps"),
+                     progress=False)
+    assert report["student"] == "digits_cnn_quarter"
+    with pytest.raises(DfkdError, match="no default student for a 'mine' teacher; choose one "
+                                        "with --student"):
+        default_student("mine")

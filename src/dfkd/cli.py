@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=S, help="synthesis method (see `dfkd methods`)")
     p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
                    metavar="KEY=VALUE", help="a method option, e.g. --set steps=500 (repeatable)")
-    p.add_argument("--student", default=S, help="zoo name or package.module:factory")
+    p.add_argument("--student", default=S, help="zoo name or package.module:factory (default: "
+                   "the usual student of a zoo teacher, e.g. lenet5 -> lenet5_half)")
     p.add_argument("--out", default=S)
     p.add_argument("--budget", default=S, help="wall clock (90s, 10m, 1h) or steps (2000steps)")
     p.add_argument("--eval-dataset", default=S, help="report-only evaluation data; 'none' for "
@@ -124,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default=S, metavar="KEY=VALUE",
                    help="a student-update option, e.g. --update-set memory=20 (repeatable)")
     p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
-    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=S,
+                   help="the student's optimizer (default: the method's, sgd for the generator "
+                   "family, adam for the others)")
+    p.add_argument("--lr", type=float, default=S,
+                   help="the student's learning rate (default: the method's with its optimizer, "
+                   "else 1e-3 for adam, 0.05 for sgd), cosine-decayed over the budget")
     p.add_argument("--augment", choices=("none", "shift", "shift+flip", "affine", "affine+flip"),
                    default=S, help="augment stored samples and relabel them by the teacher "
                    "(default shift; affine adds rotation and scale)")

@@ -71,7 +71,8 @@ class DistillConfig:
     teacher: TeacherArgs = field(default_factory=TeacherArgs)
     method: str = "deepinv"
     method_options: dict = field(default_factory=dict)
-    student: str = "lenet5_half"
+    student: str = ""  # zoo name or package.module:factory; "" = the usual student of a zoo
+    # teacher (lenet5 -> lenet5_half, digits_cnn -> digits_cnn_quarter, resnet34 -> resnet18, ...)
     out: str = "runs/distill"
     budget: str = "5m"
     seed: int = 0

@@ -27,6 +27,7 @@ from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
+from dfkd.models import default_student
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.student_losses import StudentLoss, create_student_loss
 from dfkd.student_update import create_update
@@ -110,7 +111,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     eval_name = resolve_eval_dataset(cfg, teacher)
     evaluator = Evaluator(eval_name, teacher, cfg.data_root)
     torch.manual_seed(cfg.seed)
-    student = new_classifier(cfg.student, teacher.spec).to(device)
+    student_arch = cfg.student or default_student(teacher.arch)
+    student = new_classifier(student_arch, teacher.spec).to(device)
 
     if cfg.transfer_set:
         tset = TransferSet.open(cfg.transfer_set)
@@ -181,7 +183,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     passes = lambda: ((synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
                       + (update.teacher_passes if update else 0))
     total = budget.steps if budget.steps is not None else budget.seconds
-    bar = tqdm(total=total, desc=f"{method} -> {cfg.student}", disable=not progress,
+    bar = tqdm(total=total, desc=f"{method} -> {student_arch}", disable=not progress,
                unit="step" if budget.steps is not None else "s", mininterval=0.5,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]")
     done_so_far = lambda: min(total, state["step"] if budget.steps is not None  # noqa: E731
@@ -287,7 +289,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         save_samples(last_x, out / "samples.png", f"{method}: synthesized inputs",
                      targets if targets is not None and (targets >= 0).all() else None)
     save_curves(read_jsonl(metrics_path), out / "curves.png",
-                f"{method}: {teacher.arch} -> {cfg.student} ({eval_name or 'no eval data'})")
+                f"{method}: {teacher.arch} -> {student_arch} ({eval_name or 'no eval data'})")
     return report
 
 
@@ -317,7 +319,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "synthesis_seconds": round(state["synthesis_seconds"], 3),
         "train_seconds": round(state["train_seconds"], 3), "teacher_passes": teacher_passes,
         "seed": cfg.seed, "dataset": evaluator.name, "budget": cfg.budget,
-        "student": cfg.student, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
+        "student": student.arch, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
         "student_params": _params(student.net), "teacher_params": _params(teacher.net),
         "steps": state["step"], "synthesis_rounds": state["rounds"],
         **recipe,

@@ -101,3 +101,19 @@ def init_weights(model: nn.Module) -> nn.Module:
         elif isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
     return model
+
+
+# The usual student of each zoo teacher (half width or depth, as in the papers' pairs): what
+# `dfkd distill` trains when no --student is given.
+DEFAULT_STUDENTS = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_quarter",
+                    "resnet34": "resnet18", "resnet56": "resnet20", "resnet32": "resnet20",
+                    "resnet20": "resnet8", "vgg11": "vgg8", "wrn_40_2": "wrn_16_2",
+                    "wrn_40_1": "wrn_16_1", "wrn_16_2": "wrn_16_1"}
+
+
+def default_student(teacher_arch: str) -> str:
+    """The zoo student for a zoo teacher; a clear error for any other teacher."""
+    if teacher_arch not in DEFAULT_STUDENTS:
+        raise DfkdError(f"no default student for a '{teacher_arch}' teacher; choose one with "
+                        f"--student (a zoo name from `dfkd models` or package.module:factory)")
+    return DEFAULT_STUDENTS[teacher_arch]
