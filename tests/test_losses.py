@@ -64,3 +64,16 @@ def test_get_module_by_path_and_error_lists_candidates():
     hook = FeatureHook(get_module(model, "1.1"), capture="input")
     model[1](torch.ones(1, 2))
     assert hook.value.shape == (1, 2)
+
+
+def test_bn_hook_skips_no_grad_passes():
+    """Labelling and evaluation passes run without autograd and never read the prior."""
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn).eval()
+    (hook,) = bn_stats_hooks(model, "test")
+    x = torch.randn(8, 3, 4, 4)
+    model(x)
+    assert hook.loss is not None
+    with torch.no_grad():
+        model(x)
+    assert hook.loss is None

@@ -27,6 +27,7 @@ from dfkd.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
+from dfkd.student_update import online_methods
 from dfkd.synthesis import list_methods, method_class
 from dfkd.train import TeacherConfig, train_teacher
 
@@ -98,8 +99,8 @@ def parse_entry(entry: str) -> tuple[str, dict, str]:
     if update and update != "lra":
         raise DfkdError(f"bad method entry '{entry}'; the only suffix is +lra (student update)")
     if update and cls.family != "online":
-        raise DfkdError(f"'{entry}': +lra needs an online method (dafl, zskt, dfad, dfq, rdskd, "
-                        f"mad), not the {cls.family} method '{method}'")
+        raise DfkdError(f"'{entry}': +lra needs an online method ({online_methods()}), not the "
+                        f"{cls.family} method '{method}'")
     return method, opts, update or "plain"
 
 

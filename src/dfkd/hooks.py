@@ -40,7 +40,9 @@ class BNStatsHook:
     """Distance between a BatchNorm layer's running statistics and its current input batch.
 
     r = ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2 (biased variance), the
-    prior that DeepInversion, CMI, DFQ and Fast all match.
+    prior that DeepInversion, CMI, DFQ and Fast all match. Measured only when autograd is on:
+    the teacher's no-grad passes (labelling, relabelling, evaluation) never read it, and they
+    run on every student step of the generator methods. After one, `loss` is None.
     """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm):
@@ -48,6 +50,9 @@ class BNStatsHook:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
+        if not torch.is_grad_enabled():
+            self.loss = None
+            return
         x = inputs[0].float()  # float32 statistics even under bf16 autocast (no-op in fp32)
         dims = [0] + list(range(2, x.ndim))
         mean = x.mean(dims)

@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from dfkd.errors import DfkdError
 from dfkd.student_losses import StudentLoss
+from dfkd.synthesis import list_methods, method_class
 from dfkd.synthesis.base import build_options
 from dfkd.teacher import Classifier
 
@@ -114,6 +115,11 @@ class LRA:
                 "replay_samples": sum(len(x) for x, _ in self.memory)}
 
 
+def online_methods() -> str:
+    """The data-free online methods, from the registry: those `--update lra` can apply to."""
+    return ", ".join(n for n in list_methods() if method_class(n).family == "online")
+
+
 def create_update(name: str, options: dict, family: str) -> LRA | None:
     """The run's student-update strategy; None is the plain optimizer step."""
     if name not in UPDATES:
@@ -123,7 +129,7 @@ def create_update(name: str, options: dict, family: str) -> LRA | None:
             raise DfkdError("--update-set needs --update lra; the plain update has no options")
         return None
     if family != "online":
-        raise DfkdError("--update lra trains on the fresh batches of an online method (dafl, "
-                        "zskt, dfad, dfq, rdskd, mad); transfer-set methods already replay "
-                        "everything they synthesized")
+        raise DfkdError(f"--update lra trains on the fresh batches of an online method "
+                        f"({online_methods()}); transfer-set methods already replay everything "
+                        "they synthesized")
     return LRA(build_options(LRAOptions, options, "student update 'lra'"))
