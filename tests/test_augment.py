@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dfkd.augment import apply, default_shift, random_affine, shift_flip
+from dfkd.augment import CHOICES, apply, default_shift, mix_pairs, random_affine, shift_flip
+from dfkd.cli import AUGMENTATIONS
 from dfkd.errors import DfkdError
 
 
@@ -58,3 +59,19 @@ def test_affine_flip_mirrors_some_of_the_affine_outputs():
     mirrored = [torch.equal(b, p.flip(2)) for b, p in zip(both, plain, strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True))
     assert 0 < sum(mirrored) < 32
+
+
+def test_mix_blends_each_sample_with_another_of_the_batch():
+    x = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(16)])  # sample i is all i
+    out = mix_pairs(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out, mix_pairs(x, torch.Generator().manual_seed(0)))
+    values = out[:, 0, 0, 0]
+    assert (out == values.view(-1, 1, 1, 1)).all()  # one weight per sample, not per pixel
+    assert 0 <= values.min() and values.max() <= 15 and not torch.equal(values, x[:, 0, 0, 0])
+    g = torch.Generator().manual_seed(2)  # shift+mix: the shift, then the mix, one RNG
+    expected = mix_pairs(shift_flip(x, g, default_shift(4), flip=False), g)
+    assert torch.equal(apply("shift+mix", x, torch.Generator().manual_seed(2)), expected)
+
+
+def test_cli_offers_exactly_the_augmentations_of_the_engine():
+    assert AUGMENTATIONS == CHOICES

@@ -182,6 +182,19 @@ def test_real_data_anchors(digits_teacher):
     assert torch.equal(first["labels"], plain.y[plain._order[:64]])
 
 
+def test_kd_real_mix_blends_its_batches_and_scratch_real_refuses_it(digits_teacher):
+    teacher = load_classifier(digits_teacher)
+    plain = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3).synthesize(None, 2)
+    kd = create_synthesizer("kd_real", teacher, {"batch_size": 64, "mix": True}, seed=3)
+    mixed = kd.synthesize(None, 2)
+    assert torch.equal(mixed["x"], kd.synthesize(None, 2)["x"])  # a pure function of the index
+    assert not torch.equal(mixed["x"], plain["x"]) and torch.equal(mixed["targets"],
+                                                                    plain["targets"])
+    torch.testing.assert_close(mixed["logits"], teacher(mixed["x"]).float())  # labelled blends
+    with pytest.raises(DfkdError, match="scratch_real trains on the true labels"):
+        create_synthesizer("scratch_real", teacher, {"mix": True}, 0)
+
+
 def test_kd_real_max_images_keeps_the_first_images_only(digits_teacher):
     teacher = load_classifier(digits_teacher)
     full = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
 
-CHOICES = ("none", "shift", "shift+flip", "affine", "affine+flip")
+BASE = ("none", "shift", "shift+flip", "affine", "affine+flip")
+CHOICES = (*BASE, *(f"{b}+mix" for b in BASE[1:]))  # +mix: pixel mixing of pairs, then the teacher
 FLIP_DATASETS = {"cifar10", "cifar100", "folder"}  # natural images: mirror images stay in class
 
 
@@ -47,6 +48,16 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, shift: int, degrees: fl
     return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
 
 
+def mix_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blend each sample with another of the batch, by a weight drawn uniformly per sample.
+    The teacher relabels the blend, so the student sees soft targets between classes: points
+    near the teacher's decision boundaries, which synthetic sets lack (mixup, KD-style)."""
+    n = x.shape[0]
+    other = x[torch.randperm(n, generator=gen)]
+    lam = torch.rand((n, 1, 1, 1), generator=gen, dtype=x.dtype)
+    return lam * x + (1 - lam) * other
+
+
 def default_shift(height: int) -> int:
     """1 pixel for 8x8 inputs, 2 for 28-32 pixels, ~1/16 of the side in general."""
     return max(1, height // 16)
@@ -57,8 +68,11 @@ def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         raise DfkdError(f"unknown augmentation '{name}'; choose one of: {', '.join(CHOICES)}")
     if name == "none":
         return x
+    base, mixed = name.removesuffix("+mix"), name.endswith("+mix")
     shift = default_shift(x.shape[2])
-    if name.startswith("affine"):
+    if base.startswith("affine"):
         out = random_affine(x, gen, shift)
-        return random_flip(out, gen) if name == "affine+flip" else out
-    return shift_flip(x, gen, shift, flip=name == "shift+flip")
+        out = random_flip(out, gen) if base == "affine+flip" else out
+    else:
+        out = shift_flip(x, gen, shift, flip=base == "shift+flip")
+    return mix_pairs(out, gen) if mixed else out

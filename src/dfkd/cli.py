@@ -11,6 +11,10 @@ import sys
 from dfkd import __version__
 from dfkd.errors import DfkdError
 
+# as dfkd.augment.CHOICES, which imports torch; a test keeps the two equal
+_BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
+AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
+
 S = argparse.SUPPRESS  # options left out keep the config's (or --config file's) value
 
 
@@ -126,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a student-update option, e.g. --update-set memory=20 (repeatable)")
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S,
-                   help="the student's optimizer (default: the method's, sgd for the generator "
-                   "family, adam for the others)")
+                   help="the student's optimizer (default sgd with Nesterov momentum 0.9; adam "
+                   "is AdamW)")
     p.add_argument("--lr", type=float, default=S,
-                   help="the student's learning rate (default: the method's with its optimizer, "
-                   "else 1e-3 for adam, 0.05 for sgd), cosine-decayed over the budget")
-    p.add_argument("--augment", choices=("none", "shift", "shift+flip", "affine", "affine+flip"),
-                   default=S, help="augment stored samples and relabel them by the teacher "
-                   "(default shift; affine adds rotation and scale)")
+                   help="the student's learning rate (default 0.1 for sgd, 1e-3 for adam), "
+                   "cosine-decayed over the budget")
+    p.add_argument("--augment", default=S, choices=AUGMENTATIONS,
+                   help="augment stored samples and relabel them by the teacher (default "
+                   "shift+mix: shift, then blend random pairs; affine adds rotation and scale)")
     p.add_argument("--steps-per-round", type=int, default=S,
                    help="student steps between synthesis rounds (transfer-set methods)")
     p.add_argument("--eval-points", type=int, default=S)

@@ -88,13 +88,12 @@ class DistillConfig:
     update: str = "plain"  # student update of online methods: plain | lra (student_update.py)
     update_options: dict = field(default_factory=dict)  # e.g. {"memory": 10}
     batch_size: int = 256  # student minibatch
-    optimizer: str = ""  # adam | sgd; "" = the method's default (sgd for the generator family,
-    # adam for the others)
-    lr: float | None = None  # None: the method's own with its optimizer (0.1 for the generator
-    # family), else 1e-3 for adam, 0.05 for sgd; cosine decay over the budget
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) | adam (AdamW)
+    lr: float | None = None  # None: 0.1 for sgd, 1e-3 for adam; cosine decay over the budget
     weight_decay: float = 5e-4
-    augment: str = "shift"  # none | shift | shift+flip | affine | affine+flip on stored samples,
-    # relabelled by the teacher each step (a forward pass, far cheaper than a new sample)
+    augment: str = "shift+mix"  # none | shift | shift+flip | affine | affine+flip, each with an
+    # optional +mix, on stored samples, relabelled by the teacher each step (a forward pass, far
+    # cheaper than a new sample)
     steps_per_round: int = 200  # student steps between synthesis rounds (transfer-set methods)
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
 

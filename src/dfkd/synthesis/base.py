@@ -33,8 +33,6 @@ class Synthesizer:
     Options: ClassVar[type] = Options
     temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
     student_loss: ClassVar[str] = "kd"  # the student's loss by default (e.g. l1 for DFAD)
-    student_optimizer: ClassVar[str] = "adam"  # the student's optimizer by default (--optimizer)
-    student_lr: ClassVar[float | None] = None  # its learning rate; None = the optimizer's default
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
 
     def __init__(self, teacher: Classifier, options, seed: int):

@@ -28,8 +28,8 @@ Two defaults depart from the papers (other than DFQ's), both measured on the dig
   loss. A teacher without BatchNorm turns the prior off (`bn_prior` false in the report), except
   for DFQ, whose loss it is: that is an error.
 - The student trains with SGD at lr 0.1 (Nesterov momentum 0.9; DFAD's reference uses SGD at 0.1
-  on CIFAR) instead of the engine's Adam at 1e-3, whose students of these methods trailed by 4-32
-  points on digits. `--optimizer` and `--lr` override it.
+  on CIFAR), now the engine's default for every method, instead of Adam at 1e-3, whose students
+  of these methods trailed by 4-32 points on digits. `--optimizer` and `--lr` override it.
 
 The objectives see G's raw output, as in the papers; the student sees the clamped pixels. The
 teacher stays in eval mode. The student runs in train mode in an adversarial objective (batch
@@ -184,8 +184,6 @@ class GeneratorMethod(Synthesizer):
     Options = GeneratorOptions
     adversarial: ClassVar[bool] = False  # the objective needs the student
     bn_prior_required: ClassVar[bool] = False  # a teacher without BatchNorm is an error (DFQ)
-    student_optimizer = "sgd"  # see the module docstring
-    student_lr = 0.1
 
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd.augment import FLIP_DATASETS, default_shift, shift_flip
+from dfkd.augment import FLIP_DATASETS, default_shift, mix_pairs, shift_flip
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.synthesis.base import Options, Synthesizer, register_method
@@ -25,6 +25,8 @@ class RealDataOptions(Options):
     data_root: str = ""  # where its files are; "" = the dataset's default location
     batch_size: int = 256  # real images per student step
     augment: bool = True  # random shifts (plus flips on natural images), as in train-teacher
+    mix: bool = False  # kd_real: blend random pairs before the teacher labels them, as the
+    # engine's default augmentation does to stored synthetic samples (--augment shift+mix)
     max_images: int = 0  # use only the first N training images (0: all): measures how many real
     # images a synthetic transfer set is worth
 
@@ -53,6 +55,9 @@ class RealData(Synthesizer):
         if len(self.y) < options.batch_size:
             raise DfkdError(f"dataset '{name}' has {len(self.y)} training images, fewer than "
                             f"batch_size={options.batch_size}")
+        if options.mix and self.student_loss == "ce":
+            raise DfkdError(f"{self.name} trains on the true labels, which a blend of two images "
+                            "does not have; mix is for kd_real")
         self.shift = default_shift(teacher.spec.shape[1]) if options.augment else 0
         self.flip = options.augment and name in FLIP_DATASETS
         self._epoch, self._order = -1, None
@@ -68,9 +73,11 @@ class RealData(Synthesizer):
             self._epoch, self._order = epoch, torch.randperm(len(self.y), generator=gen)
         idx = self._order[i * bs:(i + 1) * bs]
         x = self.x[idx]
+        gen = torch.Generator().manual_seed(self.batch_seed(index))
         if self.shift:
-            x = shift_flip(x, torch.Generator().manual_seed(self.batch_seed(index)), self.shift,
-                           self.flip)
+            x = shift_flip(x, gen, self.shift, self.flip)
+        if self.opts.mix:
+            x = mix_pairs(x, gen)
         return x.to(self.device), self.y[idx]
 
 
