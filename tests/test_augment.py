@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dfkd.augment import CHOICES, apply, default_shift, mix_pairs, random_affine, shift_flip
-from dfkd.cli import AUGMENTATIONS
+from dfkd.cli import build_parser
 from dfkd.errors import DfkdError
 
 
@@ -73,5 +73,10 @@ def test_mix_blends_each_sample_with_another_of_the_batch():
     assert torch.equal(apply("shift+mix", x, torch.Generator().manual_seed(2)), expected)
 
 
-def test_cli_offers_exactly_the_augmentations_of_the_engine():
-    assert AUGMENTATIONS == CHOICES
+def test_cli_offers_exactly_the_augmentations_of_the_engine(capsys):
+    parser = build_parser()
+    for name in CHOICES:
+        assert parser.parse_args(["distill", "--teacher", "t", "--augment", name]).augment == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["distill", "--teacher", "t", "--augment", "rotate"])
+    assert "invalid choice: 'rotate'" in capsys.readouterr().err

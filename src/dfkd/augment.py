@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfkd.config import AUGMENTATIONS as CHOICES  # +mix: blend pairs (mix_pairs) after the rest
 from dfkd.errors import DfkdError
 
-BASE = ("none", "shift", "shift+flip", "affine", "affine+flip")
-CHOICES = (*BASE, *(f"{b}+mix" for b in BASE[1:]))  # +mix: pixel mixing of pairs, then the teacher
 FLIP_DATASETS = {"cifar10", "cifar100", "folder"}  # natural images: mirror images stay in class
 
 

@@ -11,10 +11,6 @@ import sys
 from dfkd import __version__
 from dfkd.errors import DfkdError
 
-# as dfkd.augment.CHOICES, which imports torch; a test keeps the two equal
-_BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
-AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
-
 S = argparse.SUPPRESS  # options left out keep the config's (or --config file's) value
 
 
@@ -72,6 +68,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dfkd.config import AUGMENTATIONS
     from dfkd.data import DATASETS
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "

@@ -12,6 +12,11 @@ import yaml
 from dfkd.errors import DfkdError
 from dfkd.io import write_text
 
+# the student-side augmentations of stored samples (dfkd.augment applies them; kept here, free of
+# torch, so that the CLI can offer them without importing it)
+_BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
+AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
+
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 

@@ -280,8 +280,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), tset, synth, device, crit, update,
-                          {"optimizer": cfg.optimizer, "lr": base_lr})
+                          state, passes(), tset, synth, device, crit, update, base_lr)
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -310,7 +309,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
-                 teacher_passes, tset, synth, device, crit, update, recipe) -> dict:
+                 teacher_passes, tset, synth, device, crit, update, lr) -> dict:
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -321,7 +320,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "student": student.arch, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
         "student_params": _params(student.net), "teacher_params": _params(teacher.net),
         "steps": state["step"], "synthesis_rounds": state["rounds"],
-        **recipe,
+        "optimizer": cfg.optimizer, "lr": lr,
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
