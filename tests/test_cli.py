@@ -73,6 +73,16 @@ def test_distill_from_config_file_with_overrides(capsys, tmp_path, digits_teache
     assert report["method"] == "noise" and report["seed"] == 3 and report["steps"] == 4
 
 
+def test_bad_augmentation_in_a_config_file_fails_before_any_work(capsys, tmp_path,
+                                                                digits_teacher):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("method: deepinv\naugment: rotate\n")
+    err = _error(capsys, "distill", "--teacher", str(digits_teacher), "--config", str(cfg),
+                 "--student", "digits_cnn_quarter", "--out", str(tmp_path / "s"))
+    assert "unknown augmentation 'rotate'" in err
+    assert not (tmp_path / "s").exists()  # refused before the run directory or a synthesis round
+
+
 def test_quickstart_end_to_end_small(capsys, tmp_path):
     out = _ok(capsys, "quickstart", "--out", str(tmp_path / "q"), "--budget", "20steps",
               "--teacher-epochs", "1", "--no-progress")

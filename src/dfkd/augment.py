@@ -62,9 +62,14 @@ def default_shift(height: int) -> int:
     return max(1, height // 16)
 
 
-def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def check(name: str) -> None:
+    """Fail before any work, not at the first student step after a synthesis round."""
     if name not in CHOICES:
         raise DfkdError(f"unknown augmentation '{name}'; choose one of: {', '.join(CHOICES)}")
+
+
+def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    check(name)
     if name == "none":
         return x
     base, mixed = name.removesuffix("+mix"), name.endswith("+mix")

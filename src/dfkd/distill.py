@@ -109,6 +109,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     """Run (or resume) one distillation and write its run directory; returns report.json."""
     out = Path(cfg.out)
     budget = Budget.parse(cfg.budget)
+    augment.check(cfg.augment)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     eval_name = resolve_eval_dataset(cfg, teacher)

@@ -105,6 +105,13 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor,
     return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
 
 
+def competition(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """ADI's competition term, 1 - JS(p_T, p_S): low where the student disagrees with the
+    teacher, so minimizing it moves synthesized inputs to where the student still has to learn."""
+    return 1.0 - js_divergence(teacher_logits, student_logits, temperature)
+
+
 def total_variation(x: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Smoothness prior on images: mean |neighbour difference|^p over both axes (p = 1 or 2)."""
     dh = x[..., 1:, :] - x[..., :-1, :]

@@ -9,6 +9,7 @@ the sample was made for (-1 if none), `seeds` what makes the sample reproducible
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from typing import ClassVar
@@ -190,3 +191,22 @@ def balanced_targets(batch_size: int, num_classes: int, gen: torch.Generator) ->
     """Class labels covering all classes evenly, in a random order."""
     y = torch.arange(batch_size, device=gen.device) % num_classes
     return y[torch.randperm(batch_size, generator=gen, device=gen.device)]
+
+
+@contextlib.contextmanager
+def student_as_judge(student: Classifier | None):
+    """The student inside a synthesis loop (adversarial and competition terms): in eval mode, so
+    its BatchNorm statistics stay its own, and without gradients into its weights, which the
+    synthesis loss would otherwise fill for nothing. Mode and flags are restored afterwards."""
+    if student is None:
+        yield None
+        return
+    was_training = student.training
+    flags = [p.requires_grad for p in student.parameters()]
+    student.eval().requires_grad_(False)
+    try:
+        yield student
+    finally:
+        student.train(was_training)
+        for p, flag in zip(student.parameters(), flags, strict=True):
+            p.requires_grad_(flag)

@@ -38,7 +38,6 @@ Choices the paper leaves open, or this toolkit makes differently:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,7 +48,13 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.hooks import BNStatsHook, FeatureHook, bn_layers
 from dfkd.models.generators import Generator
-from dfkd.synthesis.base import Options, Synthesizer, balanced_targets, register_method
+from dfkd.synthesis.base import (
+    Options,
+    Synthesizer,
+    balanced_targets,
+    register_method,
+    student_as_judge,
+)
 from dfkd.synthesis.deepinversion import flip_choice
 
 
@@ -203,23 +208,6 @@ def local_view(x: torch.Tensor, gen: torch.Generator, min_scale: float,
     return _view(x, cw * _signs(n, flip, gen), ch, cx, cy, None)
 
 
-@contextlib.contextmanager
-def _fixed(model: nn.Module | None):
-    """The student as a fixed function during synthesis: eval mode, no parameter gradients;
-    both restored afterwards."""
-    if model is None:
-        yield
-        return
-    training, flags = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    try:
-        yield
-    finally:
-        model.train(training)
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-
-
 @register_method
 class CMI(Synthesizer):
     """CMI (Fang 2021): a fresh generator per round, with a contrastive term for diversity."""
@@ -268,7 +256,7 @@ class CMI(Synthesizer):
                                betas=(0.5, 0.999))
         adversary = student if o.adv_weight > 0 and student is not None else None
         best_loss, best_x, best_features = math.inf, None, None
-        with _fixed(adversary):
+        with student_as_judge(adversary):
             for _ in range(o.steps):
                 if self.should_stop():
                     break

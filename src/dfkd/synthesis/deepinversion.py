@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from dfkd.augment import default_shift
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
-from dfkd.losses import js_divergence, total_variation
-from dfkd.synthesis.base import Options, Synthesizer, balanced_targets, register_method
+from dfkd.losses import competition, total_variation
+from dfkd.synthesis.base import (
+    Options,
+    Synthesizer,
+    balanced_targets,
+    register_method,
+    student_as_judge,
+)
 
 
 @dataclass
@@ -69,10 +75,15 @@ class DeepInversionBase(Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
-        use_student = o.comp_weight > 0 and student is not None
-        if use_student:
-            student_was_training = student.training
-            student.eval()
+        judge = student if o.comp_weight > 0 else None
+        with student_as_judge(judge):
+            self._optimize(z, y, opt, judge, gen)
+        x = self.stored_pixels(z)
+        return {"x": x, "logits": self.label(x), "targets": y,
+                "seeds": self.seeds(index, o.batch_size)}
+
+    def _optimize(self, z, y, opt, judge, gen) -> None:
+        o, t = self.opts, self.teacher
         for _ in range(o.steps):
             if self.should_stop():
                 break
@@ -87,18 +98,13 @@ class DeepInversionBase(Synthesizer):
                 loss = loss + o.tv_weight * total_variation(x, p=2)
             if o.l2_weight:
                 loss = loss + o.l2_weight * x.pow(2).flatten(1).sum(1).mean()
-            if use_student:
-                js = js_divergence(logits, student.net(x), o.comp_temperature)
-                loss = loss + o.comp_weight * (1.0 - js)
+            if judge is not None:
+                loss = loss + o.comp_weight * competition(logits, judge.net(x),
+                                                          o.comp_temperature)
             loss.backward()
             opt.step()
             self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
-        if use_student:
-            student.train(student_was_training)
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
 
     def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.jitter:

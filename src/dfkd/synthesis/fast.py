@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from dfkd.augment import default_shift
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_layers
-from dfkd.synthesis.base import Options, Synthesizer, balanced_targets, register_method
+from dfkd.synthesis.base import (
+    Options,
+    Synthesizer,
+    balanced_targets,
+    register_method,
+    student_as_judge,
+)
 from dfkd.synthesis.generative import build_generator
 
 
@@ -156,10 +162,25 @@ class Fast(Synthesizer):
         params = list(fast.parameters())
         opt = torch.optim.Adam([{"params": params}, {"params": [z], "lr": o.lr_z}], lr=o.lr_g,
                                betas=(0.5, 0.999))
-        use_student = student is not None and o.adv_weight > 0 and index >= o.warmup
-        if use_student:
-            was_training = student.training
-            student.eval()
+        judge = student if o.adv_weight > 0 and index >= o.warmup else None
+        with student_as_judge(judge):
+            best, meta_grads = self._adapt(fast, z, y, opt, judge, gen)
+        if best is not None:
+            for h in self.bn_hooks:
+                h.commit()
+            self._meta_step(fast, meta_grads)
+        else:  # out of time before the first step: the engine drops this round
+            with torch.no_grad():
+                best = fast(z)
+        x = self.stored_pixels(best)
+        return {"x": x, "logits": self.label(x), "targets": y,
+                "seeds": self.seeds(index, o.batch_size)}
+
+    def _adapt(self, fast, z, y, opt, judge, gen) -> tuple[torch.Tensor | None, list]:
+        """The inner loop: adapt the copy of G and z to this batch; returns the images of its
+        lowest-loss step (None if out of time before the first) and FOMAML's summed grads."""
+        o, t = self.opts, self.teacher
+        params = list(fast.parameters())
         meta_grads = [torch.zeros_like(p) for p in params] if o.meta == "fomaml" else []
         best, best_loss = None, float("inf")
         for _ in range(o.g_steps):
@@ -168,7 +189,7 @@ class Fast(Synthesizer):
             g = fast(z)
             x = self._jitter(g, gen)
             t_logits = t.net(x)
-            s_logits = student.net(x) if use_student else None
+            s_logits = judge.net(x) if judge is not None else None
             bn = sum(h.loss for h in self.bn_hooks) if self.bn_hooks else 0.0
             loss = fast_loss(t_logits, s_logits, y, bn, self.temperature, o.bn_weight,
                              o.oh_weight, o.adv_weight)
@@ -182,18 +203,7 @@ class Fast(Synthesizer):
                     acc += gr
             opt.step()
             self.teacher_passes += o.batch_size
-        if use_student:
-            student.train(was_training)
-        if best is not None:
-            for h in self.bn_hooks:
-                h.commit()
-            self._meta_step(fast, meta_grads)
-        else:  # out of time before the first step: the engine drops this round
-            with torch.no_grad():
-                best = fast(z)
-        x = self.stored_pixels(best)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
+        return best, meta_grads
 
     def _meta_step(self, fast: torch.nn.Module, meta_grads: list) -> None:
         """Move G toward the adapted copy (Reptile) or along its summed gradients (FOMAML)."""

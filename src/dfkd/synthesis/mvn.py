@@ -211,25 +211,29 @@ class MVN(CountsLabelMismatch, Synthesizer):
             if self.should_stop():
                 break
             opt.zero_grad(set_to_none=True)
-            x = _roll(z, self.jitter, gen)
-            logits = t.net(x)
-            f = self.space.features()
-            loss = soft_target_loss(logits, target, o.temperature)
-            if o.lambda_a:
-                loss = loss - o.lambda_a * f.abs().mean()
-            if o.feature_weight:
-                loss = loss + o.feature_weight * (f - h).pow(2).sum(1).mean() / f.shape[1]
-            if self.bn_hooks:
-                loss = loss + o.bn_weight * sum(hk.loss for hk in self.bn_hooks)
-            if o.tv_weight:
-                loss = loss + o.tv_weight * total_variation(x, p=2)
-            loss.backward()
+            self._loss(_roll(z, self.jitter, gen), h, target).backward()
             opt.step()
             self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
         x = self.stored_pixels(z)
         return {"x": x, "logits": self.label(x), "targets": y,
                 "seeds": self.seeds(index, o.batch_size)}
+
+    def _loss(self, x, h, target) -> torch.Tensor:
+        """The synthesis objective on a jittered batch x, for sampled features h and targets."""
+        o = self.opts
+        logits = self.teacher.net(x)
+        f = self.space.features()
+        loss = soft_target_loss(logits, target, o.temperature)
+        if o.lambda_a:
+            loss = loss - o.lambda_a * f.abs().mean()
+        if o.feature_weight:
+            loss = loss + o.feature_weight * (f - h).pow(2).sum(1).mean() / f.shape[1]
+        if self.bn_hooks:
+            loss = loss + o.bn_weight * sum(hk.loss for hk in self.bn_hooks)
+        if o.tv_weight:
+            loss = loss + o.tv_weight * total_variation(x, p=2)
+        return loss
 
     def report(self) -> dict:
         return {**super().report(), "feature_space": self.space.describes,
