@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import FeatureHook, bn_stats_hooks, get_module
+from dfkd.hooks import FeatureHook, bn_stats_hooks, get_module, muted
 from dfkd.losses import js_divergence, kd_loss, total_variation
 
 
@@ -77,3 +77,16 @@ def test_bn_hook_skips_no_grad_passes():
     with torch.no_grad():
         model(x)
     assert hook.loss is None
+
+
+def test_muted_bn_hooks_keep_the_loss_of_the_pass_that_was_read():
+    bn = torch.nn.BatchNorm2d(2).eval()
+    hooks = bn_stats_hooks(torch.nn.Sequential(bn), "test")
+    bn(torch.zeros(4, 2, 3, 3))
+    read = hooks[0].loss
+    with muted(hooks):
+        bn(torch.randn(4, 2, 3, 3) + 5)  # CMI's local-view pass
+    assert hooks[0].loss is read  # variance 0 against 1 in both channels: sqrt 2
+    assert float(read) == pytest.approx(2 ** 0.5)
+    bn(torch.randn(4, 2, 3, 3) + 5)
+    assert float(hooks[0].loss) > 5  # unmuted again

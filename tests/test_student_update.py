@@ -118,6 +118,8 @@ def test_update_errors_are_one_line():
         create_update("lra", {"keep": "2"}, "online")
     with pytest.raises(DfkdError, match="--update-set needs --update lra"):
         create_update("plain", {"memory": "3"}, "online")
+    with pytest.raises(DfkdError, match="student learns true labels .* leave --update plain"):
+        create_update("lra", {}, "online", loss="ce")
     assert create_update("lra", {"memory": "4"}, "online").opts.memory == 4
 
 

@@ -133,7 +133,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
-    update = create_update(cfg.update, cfg.update_options, family)
+    update = create_update(cfg.update, cfg.update_options, family, crit.name)
     prepare_run_dir(out, cfg, resume, command)
 
     # the loss's own parameters (CRD's embedding heads) train with the student

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import torch
@@ -46,10 +47,12 @@ class BNStatsHook:
     """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm):
-        self.module, self.loss = module, None
+        self.module, self.loss, self.muted = module, None, False
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
+        if self.muted:  # a pass whose statistics nothing reads; `loss` keeps the last read one
+            return
         if not torch.is_grad_enabled():
             self.loss = None
             return
@@ -62,6 +65,18 @@ class BNStatsHook:
 
     def remove(self):
         self.handle.remove()
+
+
+@contextlib.contextmanager
+def muted(hooks: list[BNStatsHook]):
+    """Passes inside compute no BatchNorm statistics (CMI's second, local-view pass)."""
+    for h in hooks:
+        h.muted = True
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.muted = False
 
 
 def bn_layers(model: nn.Module) -> list[nn.Module]:

@@ -120,8 +120,9 @@ def online_methods() -> str:
     return ", ".join(n for n in list_methods() if method_class(n).family == "online")
 
 
-def create_update(name: str, options: dict, family: str) -> LRA | None:
-    """The run's student-update strategy; None is the plain optimizer step."""
+def create_update(name: str, options: dict, family: str, loss: str = "kd") -> LRA | None:
+    """The run's student-update strategy for a method of `family` whose student loss is `loss`;
+    None is the plain optimizer step."""
     if name not in UPDATES:
         raise DfkdError(f"unknown student update '{name}'; choose one of: {', '.join(UPDATES)}")
     if name == "plain":
@@ -132,4 +133,8 @@ def create_update(name: str, options: dict, family: str) -> LRA | None:
         raise DfkdError(f"--update lra trains on the fresh batches of an online method "
                         f"({online_methods()}); transfer-set methods already replay everything "
                         "they synthesized")
+    if loss == "ce":
+        raise DfkdError("--update lra replays batches with their teacher targets, but this run's "
+                        "student learns true labels (loss ce: the scratch_real anchor); leave "
+                        "--update plain")
     return LRA(build_options(LRAOptions, options, "student update 'lra'"))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BNStatsHook, FeatureHook, bn_layers
+from dfkd.hooks import BNStatsHook, FeatureHook, bn_layers, muted
 from dfkd.models.generators import Generator
 from dfkd.synthesis.base import (
     Options,
@@ -294,7 +294,8 @@ class CMI(Synthesizer):
         if not self.feature_hooks:
             return loss, None
         global_features = self._features()
-        net(local_view(x, gen, o.local_scale, self.flip))
+        with muted(self.bn_hooks):  # the BN prior reads the global view only
+            net(local_view(x, gen, o.local_scale, self.flip))
         local_features = self._features()
         cached = self.bank.sample(o.negatives, gen)
         cached_local, cached_global = cached.chunk(2, dim=1)
