@@ -254,7 +254,7 @@ class CMI(Synthesizer):
         z.requires_grad_(True)
         opt = torch.optim.Adam([{"params": net.parameters()}, {"params": [z]}], lr=o.lr,
                                betas=(0.5, 0.999))
-        adversary = student if o.adv_weight > 0 and student is not None else None
+        adversary = student if o.adv_weight > 0 else None
         best_loss, best_x, best_features = math.inf, None, None
         with student_as_judge(adversary):
             for _ in range(o.steps):
