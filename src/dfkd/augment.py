@@ -57,6 +57,31 @@ def mix_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return lam * x + (1 - lam) * other
 
 
+def random_roll(z: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Tensor:
+    """The whole batch rolled by one random offset of up to `jitter` pixels: the jitter that
+    inversion methods apply at every optimization step (0: unchanged)."""
+    if not jitter:
+        return z
+    dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=gen, device=gen.device).tolist()
+    return torch.roll(z, shifts=(dx, dy), dims=(2, 3))
+
+
+def cut_mix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Paste one random box from a shuffled copy of the batch into every sample (CutMix).
+    Returns the mixed batch, the permutation and the pasted share of the area, by which the
+    caller mixes the labels. Differentiable in x, so inversion can optimize through it."""
+    n, _, h, w = x.shape
+    dev = gen.device
+    share = float(torch.rand((), generator=gen, device=dev))
+    bh, bw = max(1, round(h * share ** 0.5)), max(1, round(w * share ** 0.5))
+    top = int(torch.randint(0, h - bh + 1, (), generator=gen, device=dev))
+    left = int(torch.randint(0, w - bw + 1, (), generator=gen, device=dev))
+    perm = torch.randperm(n, generator=gen, device=dev).to(x.device)
+    mask = torch.zeros((1, 1, h, w), device=x.device, dtype=x.dtype)
+    mask[..., top:top + bh, left:left + bw] = 1
+    return x * (1 - mask) + x[perm] * mask, perm, bh * bw / (h * w)
+
+
 def default_shift(height: int) -> int:
     """1 pixel for 8x8 inputs, 2 for 28-32 pixels, ~1/16 of the side in general."""
     return max(1, height // 16)

@@ -177,6 +177,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML config (a benchmark's bench.yaml); flags override it")
 
+    p = sub.add_parser("quantize", help="an integer model from a float one, calibrated without "
+                       "data (torchao)")
+    _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
+    p.add_argument("--calibration", default=S, help="comma-separated sources, the first one is "
+                   "exported: gaussian, inception, bns (default), mixmix, any transfer-set "
+                   "method (deepinv, mvn, ...), real (the anchor; added as a row when the "
+                   "training files load)")
+    p.add_argument("--scheme", default=S, choices=("int8-static", "int8-dynamic", "int4-weight"))
+    p.add_argument("--finetune", default=S, choices=("none", "kd", "fa"),
+                   help="quantization-aware fine-tuning on the calibration set, the float model "
+                   "teaching: kd, or fa (KD + feature affinity, FAQD); default none")
+    p.add_argument("--finetune-steps", type=int, default=S)
+    p.add_argument("--finetune-lr", type=float, default=S)
+    p.add_argument("--calibration-size", type=int, default=S, help="inputs per source (512)")
+    p.add_argument("--extra-teachers", default=S, help="mixmix: comma-separated models inverted "
+                   "together with --model")
+    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
+                   metavar="KEY=VALUE", help="an option of the synthesis method behind the "
+                   "calibration, e.g. --set steps=100")
+    p.add_argument("--eval-dataset", default=S, help="report-only evaluation data (default: "
+                   "the dataset the model records)")
+    p.add_argument("--data-root", default=S)
+    p.add_argument("--out", default=S)
+    p.add_argument("--latency-batch", type=int, default=S)
+    p.add_argument("--compile", action="store_true", default=S,
+                   help="time latency under torch.compile (inductor lowers int8 to oneDNN)")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--device", default=S)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
+
     p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
     _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
     p.add_argument("--dataset", default=None, help="default: the dataset the model records")
@@ -266,6 +297,20 @@ def run(argv: list[str]) -> int:
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")
+    elif args.command == "quantize":
+        from dfkd.quantize import QuantizeConfig, quantize
+
+        flags = _flags(args, ("calibration", "scheme", "finetune", "finetune_steps",
+                              "finetune_lr", "calibration_size", "extra_teachers", "eval_dataset",
+                              "data_root", "out", "latency_batch", "compile", "seed", "device"))
+        flags["model"] = _teacher_args(args, "model")
+        if hasattr(args, "method_options"):
+            flags["method_options"] = dict(args.method_options)
+        cfg = _config(QuantizeConfig, args, flags)
+        r = quantize(cfg, progress=progress, command=command)
+        print(f"{r['scheme']} ({r['calibration']}): {_pct(r['quant_acc'])} (fp32 "
+              f"{_pct(r['fp32_acc'])}, real calibration {_pct(r['real_calibration_acc'])}), "
+              f"{r['size_ratio']}x smaller -> {cfg.out}")
     elif args.command == "bench":
         _bench(args, progress, command)
     elif args.command == "evaluate":

@@ -40,14 +40,18 @@ class FeatureHook:
 class BNStatsHook:
     """Distance between a BatchNorm layer's running statistics and its current input batch.
 
-    r = ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2 (biased variance), the
-    prior that DeepInversion, CMI, DFQ and Fast all match. Measured only when autograd is on:
+    distance "l2": ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2 (biased
+    variance), the prior that DeepInversion, CMI, DFQ and Fast all match; "kl": the KL divergence
+    KL(N(batch) || N(running)) per channel, averaged over channels (BNS, Haroush et al. 2020),
+    which weighs a channel's mismatch by its own spread. Measured only when autograd is on:
     the teacher's no-grad passes (labelling, relabelling, evaluation) never read it, and they
     run on every student step of the generator methods. After one, `loss` is None.
     """
 
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm):
-        self.module, self.loss, self.muted = module, None, False
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, distance: str = "l2"):
+        if distance not in ("l2", "kl"):
+            raise DfkdError(f"BatchNorm distance must be l2 or kl, got '{distance}'")
+        self.module, self.loss, self.muted, self.distance = module, None, False, distance
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
@@ -61,7 +65,10 @@ class BNStatsHook:
         mean = x.mean(dims)
         var = x.var(dims, unbiased=False)
         rm, rv = module.running_mean.float(), module.running_var.float()
-        self.loss = torch.norm(mean - rm, 2) + torch.norm(var - rv, 2)
+        if self.distance == "kl":
+            self.loss = gaussian_kl(mean, var + module.eps, rm, rv + module.eps).mean()
+        else:
+            self.loss = torch.norm(mean - rm, 2) + torch.norm(var - rv, 2)
 
     def remove(self):
         self.handle.remove()
@@ -83,11 +90,17 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
 
 
-def bn_stats_hooks(model: nn.Module, method: str) -> list[BNStatsHook]:
+def gaussian_kl(mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor,
+                var_q: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, var_p) || N(mean_q, var_q)), elementwise."""
+    return 0.5 * (torch.log(var_q / var_p) + (var_p + (mean_p - mean_q).pow(2)) / var_q - 1)
+
+
+def bn_stats_hooks(model: nn.Module, method: str, distance: str = "l2") -> list[BNStatsHook]:
     """Hooks on every BatchNorm of `model`; a clear error for teachers without BatchNorm."""
     layers = bn_layers(model)
     if not layers:
         raise DfkdError(f"method '{method}' matches BatchNorm statistics, but the teacher has no "
                         "BatchNorm layer with running statistics; choose a method without a BN "
                         "prior (e.g. noise) or set bn_weight=0")
-    return [BNStatsHook(m) for m in layers]
+    return [BNStatsHook(m, distance) for m in layers]

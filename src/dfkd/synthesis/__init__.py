@@ -1,6 +1,7 @@
 """Synthesis methods, one module per family, all behind `Synthesizer` (see base.py)."""
 
 from dfkd.synthesis import (  # noqa: F401  (registers the methods)
+    bns,
     cmi,
     deepinversion,
     fast,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import default_shift
+from dfkd.augment import default_shift, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import competition, total_variation
@@ -107,10 +107,7 @@ class DeepInversionBase(Synthesizer):
             self.teacher_passes += o.batch_size
 
     def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.jitter:
-            dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=gen,
-                                   device=gen.device).tolist()
-            z = torch.roll(z, shifts=(dx, dy), dims=(2, 3))
+        z = random_roll(z, self.jitter, gen)
         if self.flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
             z = torch.flip(z, dims=(3,))
         return z

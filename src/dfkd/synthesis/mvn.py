@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import default_shift
+from dfkd.augment import default_shift, random_roll
 from dfkd.errors import DfkdError
 from dfkd.feature_space import FeatureSpace
 from dfkd.hooks import bn_layers, bn_stats_hooks
@@ -211,7 +211,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
             if self.should_stop():
                 break
             opt.zero_grad(set_to_none=True)
-            self._loss(_roll(z, self.jitter, gen), h, target).backward()
+            self._loss(random_roll(z, self.jitter, gen), h, target).backward()
             opt.step()
             self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
@@ -240,13 +240,6 @@ class MVN(CountsLabelMismatch, Synthesizer):
                 "feature_dim": self.space.dim, "mean_source": self.mean_source,
                 "nonneg": self.nonneg, "bn_prior": bool(self.bn_hooks),
                 "clipped_eigenvalues": self.clipped_eigenvalues}
-
-
-def _roll(z: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Tensor:
-    if not jitter:
-        return z
-    dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=gen, device=gen.device).tolist()
-    return torch.roll(z, shifts=(dx, dy), dims=(2, 3))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
