@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import quant
-from dfkd.calibration import Calibration, calibration_method, make_calibration
+from dfkd.calibration import calibration_method, make_calibration
 from dfkd.config import TeacherArgs
 from dfkd.distill import pick_device, prepare_run_dir
 from dfkd.errors import DfkdError
