@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-teachers", default=S, help="mixmix: comma-separated models inverted "
                    "together with --model")
     p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
-                   metavar="KEY=VALUE", help="an option of the synthesis method behind the "
-                   "calibration, e.g. --set steps=100")
+                   metavar="[SOURCE.]KEY=VALUE", help="an option of the synthesis methods "
+                   "behind the calibration: KEY for every source, SOURCE.KEY for one, e.g. "
+                   "--set bns.steps=100")
     p.add_argument("--eval-dataset", default=S, help="report-only evaluation data (default: "
                    "the dataset the model records)")
     p.add_argument("--data-root", default=S)

@@ -38,7 +38,8 @@ class QuantizeConfig:
     finetune_lr: float = 1e-4
     calibration_size: int = 512  # inputs per source (also the fine-tuning set)
     extra_teachers: str = ""  # mixmix: other models whose BN statistics are matched too
-    method_options: dict = field(default_factory=dict)  # options of the synthesis method
+    method_options: dict = field(default_factory=dict)  # KEY: every source's method;
+    # SOURCE.KEY: that source's only (an option its method lacks is an error, never ignored)
     eval_dataset: str | None = None  # default: the dataset the model records
     data_root: str | None = None
     out: str = "runs/quant"
@@ -57,6 +58,10 @@ def quantize(cfg: QuantizeConfig, *, progress: bool = True, command: str = "") -
     for s in sources:
         if s != "real":
             calibration_method(s)
+    unknown = {k.split(".")[0] for k in cfg.method_options if "." in k} - set(sources)
+    if unknown:
+        raise DfkdError(f"--set names source(s) {', '.join(sorted(unknown))} that --calibration "
+                        "does not list")
     ft = None
     if cfg.finetune != "none":
         ft = FinetuneOptions(loss=cfg.finetune, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
@@ -126,7 +131,9 @@ def _row(source: str, model, cfg: QuantizeConfig, ft: FinetuneOptions | None, da
          float_logits, device, progress: bool, first: bool) -> dict:
     bar = tqdm(total=cfg.calibration_size, desc=f"calibration {source}", unit="img",
                disable=not progress)
-    options = dict(cfg.method_options)
+    options = {k: v for k, v in cfg.method_options.items() if "." not in k}
+    options.update({k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
+                    if k.startswith(source + ".")})
     if source == "mixmix" and cfg.extra_teachers:
         options["extra_teachers"] = cfg.extra_teachers
     cal = make_calibration(source, model, cfg.calibration_size, cfg.seed, options=options,
