@@ -68,6 +68,15 @@ class Synthesizer:
         """A per-batch RNG derived from (seed, index): batches are reproducible on their own."""
         return torch.Generator(self.device).manual_seed(self.batch_seed(index))
 
+    def noise_start(self, index: int, batch_size: int, lr: float):
+        """How a pixel-inversion round begins: batch `index`'s RNG, classes balanced over the
+        batch, Gaussian inputs in the normalized space, and their Adam optimizer."""
+        gen = self.generator(index)
+        y = balanced_targets(batch_size, self.teacher.spec.num_classes, gen)
+        z = torch.randn((batch_size, *self.teacher.spec.shape), generator=gen, device=self.device)
+        z.requires_grad_(True)
+        return gen, y, z, torch.optim.Adam([z], lr=lr, betas=(0.5, 0.99))
+
     def clamp_to_image_(self, z: torch.Tensor) -> None:
         """Keep inputs optimized in normalized space inside the [0, 1] pixel range (in place,
         after every optimizer step)."""

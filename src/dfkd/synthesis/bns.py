@@ -21,7 +21,7 @@ from dfkd.augment import cut_mix, default_shift, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import total_variation
-from dfkd.synthesis.base import Options, Synthesizer, balanced_targets, register_method
+from dfkd.synthesis.base import Options, Synthesizer, register_method
 
 
 @dataclass
@@ -50,12 +50,8 @@ class BNS(Synthesizer):
             teacher.spec.shape[1])
 
     def synthesize(self, student, index):
-        o, t = self.opts, self.teacher
-        gen = self.generator(index)
-        y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
-        z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
-        z.requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
+        o = self.opts
+        gen, y, z, opt = self.noise_start(index, o.batch_size, o.lr)
         for _ in range(o.steps):
             if self.should_stop():
                 break

@@ -20,7 +20,6 @@ from dfkd.losses import competition, total_variation
 from dfkd.synthesis.base import (
     Options,
     Synthesizer,
-    balanced_targets,
     register_method,
     student_as_judge,
 )
@@ -69,12 +68,8 @@ class DeepInversionBase(Synthesizer):
         self.flip = flip_choice(options.flip, teacher.spec.dataset)
 
     def synthesize(self, student, index):
-        o, t = self.opts, self.teacher
-        gen = self.generator(index)
-        y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
-        z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
-        z.requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
+        o = self.opts
+        gen, y, z, opt = self.noise_start(index, o.batch_size, o.lr)
         judge = student if o.comp_weight > 0 else None
         with student_as_judge(judge):
             self._optimize(z, y, opt, judge, gen)
