@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -58,16 +59,31 @@ def test_int4_packing_round_trips():
     assert torch.equal(quant.unpack_int4(packed, (2, 3)), t)
 
 
+def safe_open_metadata(data: bytes) -> dict:
+    """The metadata of safetensors bytes (its JSON header's __metadata__)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__", {})
+
+
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_every_scheme_keeps_the_model_and_shrinks_its_weights(model, real, scheme, tmp_path):
     q = quant.quantize_static(model, scheme, real)
     x = real[:64]
     agree = (quant.predict(q, x).argmax(1) == quant.predict(model, x).argmax(1)).float().mean()
     assert agree >= 0.95
-    weights = quant.constants(q, scheme)
-    ratio = quant.bytes_on_disk(quant.float_constants(model)) / quant.bytes_on_disk(weights)
+    weights = quant.constants(q)
+    ratio = quant.bytes_on_disk(quant.float_constants(model)) / quant.bytes_on_disk(weights,
+                                                                                  scheme)
     assert ratio > (6 if scheme == "int4-weight" else 3.5)
     assert not any(t.dtype == torch.float32 and t.numel() > 1000 for t in weights.values())
+    data = quant.serialize(weights, scheme, {"scheme": scheme})
+    stored, meta = safetensors.torch.load(data), safe_open_metadata(data)
+    shapes = json.loads(meta.get("int4_shapes", "{}"))
+    assert bool(shapes) == (scheme == "int4-weight")
+    restored = {k: quant.unpack_int4(t, tuple(shapes[k])) if k in shapes else t
+                for k, t in stored.items()}
+    assert restored.keys() == weights.keys()
+    assert all(torch.equal(restored[k], weights[k]) for k in weights)
     path = tmp_path / "q.pt2"
     quant.save_program(q, model.spec.shape, path)
     again = quant.load_program(path)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import augment, quant
+from dfkd.distill import cosine_lr
 from dfkd.errors import DfkdError
 from dfkd.losses import feature_affinity_loss, kd_loss
 from dfkd.student_losses import Tap, stage_outputs
@@ -101,8 +102,7 @@ def finetune(prepared: torch.fx.GraphModule, model: Classifier, x: torch.Tensor,
         for step in bar:
             if step == freeze_at:
                 quant.set_observers(prepared, False)
-            for group in opt.param_groups:
-                group["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
+            cosine_lr(opt, opts.lr, step / opts.steps)
             idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
             xb = augment.apply("shift+mix", x[idx], gen).to(device)
             with torch.no_grad():

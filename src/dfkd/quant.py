@@ -22,7 +22,10 @@ it is fine, using it is a one-line error.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import json
+import math
 import statistics
 import time
 import warnings
@@ -58,14 +61,20 @@ def check_scheme(scheme: str) -> None:
         raise DfkdError(f"unknown scheme '{scheme}'; choose one of: {', '.join(SCHEMES)}")
 
 
+def _export(module: torch.nn.Module, shape, device) -> torch.export.ExportedProgram:
+    """`module` captured for inputs of `shape` with any batch size (the example has 2: a batch
+    of 1 would be specialized)."""
+    example = torch.rand(2, *shape, device=device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+
+
 def export_float(model: Classifier) -> torch.fx.GraphModule:
     """The whole classifier as an exported graph with a dynamic batch dimension."""
-    example = torch.rand(2, *model.spec.shape, device=model.mean.device)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = _export(model, model.spec.shape, model.mean.device)
     except Exception as e:  # noqa: BLE001  (export errors are long; one line says what to do)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DfkdError(f"torch.export could not capture the model ({first}); quantization "
@@ -131,17 +140,12 @@ def prepare_qat(model: Classifier, scheme: str) -> torch.fx.GraphModule:
     statistics: synthetic batches must not overwrite them). The copy shares no storage with
     `model`, which stays the float teacher."""
     pt2e, flow, _, _ = require_torchao()
-    copy = export_float(copy_module(model))
-    prepared = flow.prepare_qat_pt2e(copy, quantizer(scheme, qat=True))
+    prepared = flow.prepare_qat_pt2e(export_float(copy.deepcopy(model)),
+                                     quantizer(scheme, qat=True))
     pt2e.move_exported_model_to_eval(prepared)
     prepared.requires_grad_(True)
     return prepared
 
-
-def copy_module(model: Classifier) -> Classifier:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 @torch.no_grad()
@@ -191,9 +195,9 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
                       for i in range(0, len(x), batch_size)])
 
 
-def constants(gm: torch.fx.GraphModule, scheme: str) -> dict[str, torch.Tensor]:
-    """Every tensor the program reads (integer weights, scales, zero points, float biases),
-    int4 weights packed two per byte: what the model is on disk, without its graph."""
+def constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the program reads (integer weights, scales, zero points, float biases):
+    what the model is on disk, without its graph."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     out = {}
@@ -201,10 +205,7 @@ def constants(gm: torch.fx.GraphModule, scheme: str) -> dict[str, torch.Tensor]:
         t = state.get(name)
         if t is None:
             t = getattr(gm, name)
-        t = t.detach().cpu().contiguous()
-        if scheme == "int4-weight" and t.dtype == torch.int8:
-            t = pack_int4(t)
-        out[name] = t
+        out[name] = t.detach().cpu().contiguous()
     return out
 
 
@@ -224,19 +225,29 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     low, high = packed & 0xF, packed >> 4
     flat = torch.stack([low, high], 1).flatten().to(torch.int16)
     flat = torch.where(flat > 7, flat - 16, flat).to(torch.int8)
-    n = 1
-    for s in shape:
-        n *= s
-    return flat[:n].reshape(shape)
+    return flat[:math.prod(shape)].reshape(shape)
 
 
-def bytes_on_disk(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    return len(safetensors_bytes(tensors, metadata=metadata))
+def serialize(tensors: dict[str, torch.Tensor], scheme: str | None = None,
+              metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of `tensors`. Under int4-weight the int8 tensors (values -8..7)
+    are packed two per byte, their shapes kept in the metadata (`int4_shapes`, JSON) so that
+    unpack_int4 restores them."""
+    metadata = dict(metadata or {})
+    if scheme == "int4-weight":
+        shapes = {k: list(t.shape) for k, t in tensors.items() if t.dtype == torch.int8}
+        tensors = {k: pack_int4(t) if k in shapes else t for k, t in tensors.items()}
+        metadata["int4_shapes"] = json.dumps(shapes)
+    return safetensors_bytes(tensors, metadata=metadata or None)
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: Path,
-                 metadata: dict[str, str] | None = None) -> int:
-    data = safetensors_bytes(tensors, metadata=metadata)
+def bytes_on_disk(tensors: dict[str, torch.Tensor], scheme: str | None = None) -> int:
+    return len(serialize(tensors, scheme))
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, scheme: str,
+                 metadata: dict[str, str]) -> int:
+    data = serialize(tensors, scheme, metadata)
     path.write_bytes(data)
     return len(data)
 
@@ -244,10 +255,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path,
 def save_program(gm: torch.nn.Module, shape: tuple[int, ...], path: Path) -> int:
     """The converted model as a `torch.export` program (.pt2): one file that
     `torch.export.load(path).module()` runs in any PyTorch process, no dfkd needed."""
-    example = torch.rand(2, *shape, device=_device(gm))
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(gm, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
+    torch.export.save(_export(gm, shape, _device(gm)), str(path))
     return path.stat().st_size
 
 

@@ -94,8 +94,8 @@ def quantize(cfg: QuantizeConfig, *, progress: bool = True, command: str = "") -
 
     meta = {"format": "dfkd-quantized", "scheme": cfg.scheme, "arch": model.arch,
             "calibration": product["calibration"], "spec": model.spec.to_json()}
-    quant_bytes = quant.save_weights(quant.constants(converted, cfg.scheme),
-                                     out / "quantized.safetensors", meta)
+    quant_bytes = quant.save_weights(quant.constants(converted), out / "quantized.safetensors",
+                                     cfg.scheme, meta)
     fp32_bytes = quant.bytes_on_disk(quant.float_constants(model))
     program_bytes = quant.save_program(converted, model.spec.shape, out / "quantized.pt2")
     reloaded = quant.load_program(out / "quantized.pt2")

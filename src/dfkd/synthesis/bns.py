@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import cut_mix, default_shift, random_roll
+from dfkd.augment import cut_mix, jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import total_variation
@@ -46,8 +46,7 @@ class BNS(Synthesizer):
         super().__init__(teacher, options, seed)
         self.models = [teacher]
         self.hooks = [bn_stats_hooks(teacher.net, self.name, "kl")]
-        self.jitter = options.jitter if options.jitter >= 0 else default_shift(
-            teacher.spec.shape[1])
+        self.jitter = jitter_pixels(options.jitter, teacher.spec.shape[1])
 
     def synthesize(self, student, index):
         o = self.opts
@@ -112,7 +111,7 @@ class MixMix(BNS):
         loss = 0.0
         for model, hooks in zip(self.models, self.hooks, strict=True):
             logits = model.net(x) if model is t else model(pixels)
-            ce = -(soft * F.log_softmax(logits, dim=1)).sum(1).mean()
+            ce = F.cross_entropy(logits, soft)
             loss = loss + sum(h.loss for h in hooks) + o.ce_weight * ce
         return loss / len(self.models)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import default_shift, random_roll
+from dfkd.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import competition, total_variation
@@ -63,8 +63,7 @@ class DeepInversionBase(Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if options.bn_weight > 0 else []
-        side = teacher.spec.shape[1]
-        self.jitter = options.jitter if options.jitter >= 0 else default_shift(side)
+        self.jitter = jitter_pixels(options.jitter, teacher.spec.shape[1])
         self.flip = flip_choice(options.flip, teacher.spec.dataset)
 
     def synthesize(self, student, index):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import default_shift
+from dfkd.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_layers
 from dfkd.synthesis.base import (
@@ -150,7 +150,7 @@ class Fast(Synthesizer):
                                          betas=(0.5, 0.999))
         layers = bn_layers(teacher.net) if o.bn_weight > 0 else []
         self.bn_hooks = [MomentumBNHook(m, o.bn_momentum) for m in layers]
-        self.jitter = o.jitter if o.jitter >= 0 else default_shift(teacher.spec.shape[1])
+        self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1])
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
@@ -187,7 +187,7 @@ class Fast(Synthesizer):
             if self.should_stop():
                 break
             g = fast(z)
-            x = self._jitter(g, gen)
+            x = random_roll(g, self.jitter, gen)
             t_logits = t.net(x)
             s_logits = judge.net(x) if judge is not None else None
             bn = sum(h.loss for h in self.bn_hooks) if self.bn_hooks else 0.0
@@ -216,13 +216,6 @@ class Fast(Synthesizer):
             for b, bf in zip(self.G.buffers(), fast.buffers(), strict=True):
                 b.copy_(bf)
         self.meta_opt.step()
-
-    def _jitter(self, g: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not self.jitter:
-            return g
-        dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=gen,
-                               device=gen.device).tolist()
-        return torch.roll(g, shifts=(dx, dy), dims=(2, 3))
 
     def state_dict(self) -> dict:
         past = [list(h.past) if h.past is not None else [] for h in self.bn_hooks]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import default_shift, random_roll
+from dfkd.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.feature_space import FeatureSpace
 from dfkd.hooks import bn_layers, bn_stats_hooks
@@ -124,7 +124,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
         # the BN prior is an extra: a teacher without BatchNorm runs the paper's loss instead
         use_bn = o.bn_weight > 0 and bool(bn_layers(teacher.net))
         self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if use_bn else []
-        self.jitter = o.jitter if o.jitter >= 0 else default_shift(teacher.spec.shape[1])
+        self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1])
         self._fit(torch.Generator(self.device).manual_seed(self.batch_seed(-1)))
 
     def _fit(self, gen: torch.Generator) -> None:
