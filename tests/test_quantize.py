@@ -88,6 +88,19 @@ def test_every_scheme_keeps_the_model_and_shrinks_its_weights(model, real, schem
     quant.save_program(q, model.spec.shape, path)
     again = quant.load_program(path)
     assert torch.equal(quant.predict(again, x[:7]), quant.predict(q, x[:7]))  # any batch size
+    size = quant.save_quantized(q, model, tmp_path / "q.safetensors", scheme, qat=False)
+    assert size == (tmp_path / "q.safetensors").stat().st_size
+    rebuilt = quant.load_quantized(tmp_path / "q.safetensors")
+    assert torch.equal(quant.predict(rebuilt, x), quant.predict(q, x))
+
+
+def test_load_quantized_refuses_other_files(model, tmp_path):
+    save_classifier(model, tmp_path / "float.safetensors")
+    with pytest.raises(DfkdError, match="not a quantized model written by dfkd quantize"):
+        quant.load_quantized(tmp_path / "float.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(DfkdError, match="not a readable safetensors file"):
+        quant.load_quantized(tmp_path / "junk.safetensors")
 
 
 def test_static_calibration_decides_the_ranges(model, real):
@@ -159,10 +172,11 @@ def test_mixmix_inverts_extra_teachers_and_checks_them(model, digits_teacher, tm
                            0)
 
 
-@pytest.mark.parametrize("loss", ["kd", "fa"])
-def test_qat_finetune_lowers_its_loss_and_leaves_the_float_model_alone(model, real, loss):
+@pytest.mark.parametrize(("loss", "scheme"), [("kd", "int8-static"), ("fa", "int4-weight")])
+def test_qat_finetune_lowers_its_loss_and_leaves_the_float_model_alone(model, real, loss,
+                                                                       scheme, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepared = quant.prepare_qat(model, "int8-static")
+    prepared = quant.prepare_qat(model, scheme)
     quant.observe(prepared, real)
     nodes = len(prepared.graph.nodes)
     stats = finetune(prepared, model, real, FinetuneOptions(loss=loss, steps=30), 0)
@@ -172,6 +186,10 @@ def test_qat_finetune_lowers_its_loss_and_leaves_the_float_model_alone(model, re
     q = quant.convert(prepared)
     agree = (quant.predict(q, real).argmax(1) == quant.predict(model, real).argmax(1))
     assert agree.float().mean() >= 0.95
+    if scheme == "int8-static":  # a QAT graph is rebuilt through the QAT flow
+        quant.save_quantized(q, model, tmp_path / "q.safetensors", scheme, qat=True)
+        rebuilt = quant.load_quantized(tmp_path / "q.safetensors")
+        assert torch.equal(quant.predict(rebuilt, real), quant.predict(q, real))
 
 
 def test_missing_torchao_is_a_one_line_error(monkeypatch):
@@ -204,6 +222,7 @@ def test_cli_quantize_end_to_end(digits_teacher, tmp_path, capsys):
     assert [row["calibration"] for row in r["rows"]] == ["bns", "gaussian", "real"]
     assert 0 <= r["quant_acc"] <= 1 and r["real_calibration_acc"] is not None
     assert r["fp32_bytes"] > 3 * r["quant_bytes"]
+    assert (out / "quantized.safetensors").stat().st_size == r["quant_bytes"]
     assert (out / "quantized.pt2").stat().st_size == r["quant_program_bytes"]
     assert (out / "samples.png").exists() and "size on disk" in (out / "report.md").read_text()
     program = quant.load_program(out / "quantized.pt2")

@@ -32,10 +32,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from dfkd.errors import DfkdError
-from dfkd.teacher import Classifier
+from dfkd.io import atomic_path
+from dfkd.teacher import Classifier, InputSpec, new_classifier
 
 SCHEMES = ("int8-static", "int8-dynamic", "int4-weight")
 _AFFINE_OPS = ("conv1d", "conv2d", "conv3d", "linear")
@@ -116,7 +118,9 @@ def _int4_weight_quantizer(qat: bool):
                 name = getattr(node.target, "__name__", "").split(".")[0]
                 if node.op == "call_function" and name in _AFFINE_OPS:
                     node.meta["quantization_annotation"] = api.QuantizationAnnotation(
-                        input_qspec_map={node.args[1]: spec}, _annotated=True)
+                        # the input's entry (None: stays float) is read by QAT's conv-BN fusion
+                        input_qspec_map={node.args[0]: None, node.args[1]: spec},
+                        _annotated=True)
             return model
 
         def validate(self, model):
@@ -245,11 +249,80 @@ def bytes_on_disk(tensors: dict[str, torch.Tensor], scheme: str | None = None) -
     return len(serialize(tensors, scheme))
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: Path, scheme: str,
-                 metadata: dict[str, str]) -> int:
-    data = serialize(tensors, scheme, metadata)
-    path.write_bytes(data)
+def activation_qparams(gm: torch.fx.GraphModule) -> dict[str, list]:
+    """Static activation ranges: convert writes them into the graph as literal arguments
+    (scale, zero point) of its per-tensor quantize/dequantize nodes, not as constants."""
+    return {n.name: [n.args[1], n.args[2]] for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in _per_tensor_ops()}
+
+
+def _per_tensor_ops():
+    ops = torch.ops.quantized_decomposed
+    return (ops.quantize_per_tensor.default, ops.dequantize_per_tensor.default)
+
+
+def save_quantized(gm: torch.fx.GraphModule, model: Classifier, path: Path, scheme: str,
+                   qat: bool, extra: dict[str, str] | None = None) -> int:
+    """The converted model as one safetensors file that `load_quantized` turns back into the
+    same program: its constants, its activation ranges, and what rebuilds its graph (the
+    architecture, input spec, scheme and flow) in the metadata. The model's size on disk."""
+    meta = {"format": "dfkd-quantized", "scheme": scheme, "flow": "qat" if qat else "ptq",
+            "arch": model.arch, "spec": model.spec.to_json(),
+            "activation_qparams": json.dumps(activation_qparams(gm)), **(extra or {})}
+    data = serialize(constants(gm), scheme, meta)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return len(data)
+
+
+def load_quantized(path: str | Path, device="cpu") -> torch.fx.GraphModule:
+    """The program `save_quantized` wrote: the architecture is exported and converted again by
+    the same flow (on random inputs), then every constant and activation range is replaced by
+    the stored one. Needs the architecture's code (like the float model), unlike a .pt2."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DfkdError(f"'{path}' is not a readable safetensors file ({e})") from None
+    if meta.get("format") != "dfkd-quantized" or "activation_qparams" not in meta:
+        raise DfkdError(f"'{path}' is not a quantized model written by dfkd quantize")
+    shapes = json.loads(meta.get("int4_shapes", "{}"))
+    stored = {k: unpack_int4(t, tuple(shapes[k])) if k in shapes else t
+              for k, t in stored.items()}
+    model = new_classifier(meta["arch"], InputSpec.from_json(meta["spec"])).to(device).eval()
+    x = torch.rand(4, *model.spec.shape, device=device)
+    if meta["flow"] == "qat":
+        prepared = prepare_qat(model, meta["scheme"])
+        observe(prepared, x)
+        gm = convert(prepared)
+    else:
+        gm = quantize_static(model, meta["scheme"], x)
+    current = constants(gm)
+    if current.keys() != stored.keys():
+        raise DfkdError(f"'{path}' does not fit the program its architecture exports to now "
+                        f"(constants differ: {sorted(current.keys() ^ stored.keys())[:4]})")
+    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    with torch.no_grad():
+        for name, value in stored.items():
+            target = state.get(name)
+            target = getattr(gm, name) if target is None else target
+            if target.shape != value.shape or target.dtype != value.dtype:
+                raise DfkdError(f"'{path}': constant {name} is {value.dtype} "
+                                f"{tuple(value.shape)}, the program expects {target.dtype} "
+                                f"{tuple(target.shape)}")
+            target.copy_(value)
+    ranges = json.loads(meta["activation_qparams"])
+    nodes = {n.name: n for n in gm.graph.nodes if n.target in _per_tensor_ops()}
+    if nodes.keys() != ranges.keys():
+        raise DfkdError(f"'{path}' does not fit the program its architecture exports to now "
+                        "(activation quantizers differ)")
+    for name, (scale, zero_point) in ranges.items():
+        node = nodes[name]
+        node.args = (node.args[0], scale, zero_point, *node.args[3:])
+    gm.recompile()
+    return gm
 
 
 def save_program(gm: torch.nn.Module, shape: tuple[int, ...], path: Path) -> int:

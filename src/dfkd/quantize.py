@@ -2,9 +2,10 @@
 model and against calibration with real images.
 
 One run compares calibration sources side by side on one scheme. The first source named is
-the product: its model is exported (`quantized.pt2`, the runnable program; `quantized.safetensors`,
-its integer weights and quantization parameters) and its numbers are the report's top-level
-keys. The real-data anchor (`real`) is added as a row whenever the training split can be
+the product: its model is exported (`quantized.pt2`, the self-contained program;
+`quantized.safetensors`, its integer weights and quantization parameters, which
+`quant.load_quantized` rebuilds into the same program) and its numbers are the report's
+top-level keys. The real-data anchor (`real`) is added as a row whenever the training split can be
 loaded; the evaluation split only ever reports.
 """
 
@@ -92,16 +93,17 @@ def quantize(cfg: QuantizeConfig, *, progress: bool = True, command: str = "") -
     for r in rows[1:]:
         r.pop("_model", None)
 
-    meta = {"format": "dfkd-quantized", "scheme": cfg.scheme, "arch": model.arch,
-            "calibration": product["calibration"], "spec": model.spec.to_json()}
-    quant_bytes = quant.save_weights(quant.constants(converted), out / "quantized.safetensors",
-                                     cfg.scheme, meta)
+    quant_bytes = quant.save_quantized(converted, model, out / "quantized.safetensors",
+                                       cfg.scheme, qat=ft is not None,
+                                       extra={"calibration": product["calibration"]})
     fp32_bytes = quant.bytes_on_disk(quant.float_constants(model))
     program_bytes = quant.save_program(converted, model.spec.shape, out / "quantized.pt2")
-    reloaded = quant.load_program(out / "quantized.pt2")
     check = data.x[:64]
-    if not torch.equal(quant.predict(reloaded, check), quant.predict(converted, check)):
-        raise DfkdError("the saved quantized.pt2 does not reproduce the model's outputs")
+    expected = quant.predict(converted, check)
+    for name, load in (("quantized.pt2", quant.load_program),
+                       ("quantized.safetensors", lambda f: quant.load_quantized(f, device))):
+        if not torch.equal(quant.predict(load(out / name), check), expected):
+            raise DfkdError(f"the saved {name} does not reproduce the model's outputs")
     fp32_program = quant.save_program(quant.export_float(model), model.spec.shape,
                                       out / "float.pt2")
     lat_fp32, lat_quant, mode = _latencies(model, converted, cfg)
