@@ -209,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
 
+    p = sub.add_parser("fed", help="federated learning with data-free distillation on Flower "
+                       "(FedAvg, FedProx, FedGen, FedFTG)")
+    p.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist")
+    p.add_argument("--data-root", default=S)
+    p.add_argument("--model", default=S, help="zoo model (default lenet5 for mnist, digits_cnn "
+                   "for digits)")
+    p.add_argument("--clients", type=int, default=S, help="number of clients (10)")
+    p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration of the label "
+                   "split (0.1: each client holds one or two classes)")
+    p.add_argument("--algo", dest="algos", default=S, help="comma-separated: fedavg, fedprox, "
+                   "fedgen, fedftg (default all)")
+    p.add_argument("--rounds", type=int, default=S)
+    p.add_argument("--fraction", type=float, default=S, help="share of clients per round (0.5)")
+    p.add_argument("--seeds", type=int, default=S, help="seeds 0..S-1 (split and initialisation)")
+    p.add_argument("--local-steps", type=int, default=S, help="client SGD steps per round (50)")
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--superlink", default=S, help="HOST:PORT of a deployed SuperLink (default: "
+                   "Flower's simulation engine)")
+    p.add_argument("--out", default=S)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
+
     p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
     _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
     p.add_argument("--dataset", default=None, help="default: the dataset the model records")
@@ -312,6 +335,17 @@ def run(argv: list[str]) -> int:
         print(f"{r['scheme']} ({r['calibration']}): {_pct(r['quant_acc'])} (fp32 "
               f"{_pct(r['fp32_acc'])}, real calibration {_pct(r['real_calibration_acc'])}), "
               f"{r['size_ratio']}x smaller -> {cfg.out}")
+    elif args.command == "fed":
+        from dfkd.fed.run import federate
+        from dfkd.fed.task import FedConfig
+
+        flags = _flags(args, ("dataset", "data_root", "model", "clients", "alpha", "algos",
+                              "rounds", "fraction", "seeds", "local_steps", "batch_size", "lr",
+                              "superlink", "out"))
+        cfg = _config(FedConfig, args, flags)
+        r = federate(cfg, progress=progress, command=command)
+        print(", ".join(f"{a} {100 * v['acc_mean']:.2f}%" for a, v in r["summary"].items())
+              + f" -> {cfg.out}")
     elif args.command == "bench":
         _bench(args, progress, command)
     elif args.command == "evaluate":

@@ -1,0 +1,178 @@
+"""Flower strategies of the algorithms: FedAvg and FedProx as Flower ships them, FedGen and
+FedFTG as FedAvg plus their server-side step, all counting the bytes each round moves."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from dfkd.fed import fedftg, fedgen
+from dfkd.fed.model_parts import head_of, load_state, state_of
+from dfkd.fed.task import FedConfig
+from dfkd.teacher import Classifier
+
+
+def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return arrays.to_torch_state_dict()
+
+
+def _counts(replies: list[Message]) -> torch.Tensor:
+    return torch.tensor([list(r.content["metrics"]["label-counts"]) for r in replies])
+
+
+class _SeededSampling(FedAvg):
+    """Each round's clients drawn from the partition ids with the run's seed, so a seed picks
+    the same clients in the simulation and in a deployment (Flower's own sampling draws from
+    node ids, which are random per run)."""
+
+    nodes: dict[int, int] = {}  # partition id -> node id; set by make_strategy
+    rng = random.Random(0)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        k = max(1, int(len(self.nodes) * self.fraction_train))
+        chosen = sorted(self.rng.sample(sorted(self.nodes), k))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, [self.nodes[c] for c in chosen],
+                                        MessageType.TRAIN)
+
+
+class _CountBytes:
+    """Bytes sent to and received from clients, per round (payload records, as Flower counts
+    them; transport overhead not included)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_sent: dict[int, int] = {}
+        self.bytes_received: dict[int, int] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.bytes_sent[server_round] = sum(_size(m) for m in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self.bytes_received[server_round] = sum(_size(m) for m in replies if not m.has_error())
+        return super().aggregate_train(server_round, replies)
+
+
+def _size(message: Message) -> int:
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+class _FedGen(_SeededSampling):
+    def __init__(self, model: Classifier, opts: fedgen.FedGenOptions, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.model, self.opts = copy.deepcopy(model), opts
+        features = head_of(model).in_features
+        torch.manual_seed(seed)
+        self.generator = fedgen.FeatureGenerator(model.spec.num_classes, features,
+                                                 opts.noise_dim, opts.hidden).eval()
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=opts.lr,
+                                          weight_decay=opts.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, 0.98)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seen = torch.zeros(model.spec.num_classes, dtype=torch.bool)
+        self.trained = False
+
+    def configure_train(self, server_round, arrays, config, grid):
+        t = server_round - 1
+        decay = self.opts.decay ** t
+        if self.trained:  # round 1 trains without the generator, as in the authors' code
+            config["fedgen-alpha"] = max(1e-4, self.opts.alpha * decay)
+            config["fedgen-beta"] = max(1e-4, self.opts.beta * decay)
+            config["fedgen-classes"] = [int(c) for c in torch.nonzero(self.seen).flatten()]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.trained:
+            record = ArrayRecord(self.generator.state_dict())
+            for m in messages:
+                m.content["generator"] = record
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        replies = [r for r in replies if not r.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        counts = _counts(replies)
+        self.seen |= counts.sum(0) > 0
+        heads = []
+        for r in replies:
+            m = copy.deepcopy(self.model)
+            load_state(m, _state(r.content["arrays"]))
+            heads.append(head_of(m.eval().requires_grad_(False)))
+        loss = fedgen.train_generator(self.generator, heads, counts, self.opts, self.optimizer,
+                                      self.gen)
+        self.schedule.step()
+        self.trained = True
+        metrics["generator-loss"] = loss
+        return arrays, metrics
+
+
+class _FedFTG(_SeededSampling):
+    def __init__(self, model: Classifier, opts: fedftg.FedFTGOptions, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.model, self.opts = copy.deepcopy(model), opts
+        torch.manual_seed(seed)
+        self.generator = fedftg.conditional_generator(model, opts.noise_dim)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def aggregate_train(self, server_round, replies):
+        replies = [r for r in replies if not r.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        clients = []
+        for r in replies:
+            m = copy.deepcopy(self.model)
+            load_state(m, _state(r.content["arrays"]))
+            clients.append(m)
+        load_state(self.model, _state(arrays))
+        stats = fedftg.finetune_global(self.model, clients, _counts(replies), self.generator,
+                                       self.opts, self.gen)
+        metrics.update({k.replace("_", "-"): v for k, v in stats.items()})
+        return ArrayRecord(state_of(self.model)), metrics
+
+
+class FedAvgRun(_CountBytes, _SeededSampling):
+    pass
+
+
+class FedProxRun(_CountBytes, FedProx, _SeededSampling):
+    pass
+
+
+class FedGenRun(_CountBytes, _FedGen):
+    pass
+
+
+class FedFTGRun(_CountBytes, _FedFTG):
+    pass
+
+
+def make_strategy(algo: str, cfg: FedConfig, model: Classifier, seed: int,
+                  nodes: dict[int, int]):
+    """`nodes` maps each partition id to the Flower node that holds it."""
+    common = {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0, "min_train_nodes": 1,
+              "min_available_nodes": cfg.clients}
+    if algo == "fedavg":
+        strategy = FedAvgRun(**common)
+    elif algo == "fedprox":
+        strategy = FedProxRun(proximal_mu=cfg.prox_mu, **common)
+    elif algo == "fedgen":
+        strategy = FedGenRun(model, fedgen.FedGenOptions(), seed, **common)
+    elif algo == "fedftg":
+        strategy = FedFTGRun(model, fedftg.FedFTGOptions(), seed, **common)
+    else:
+        raise ValueError(algo)
+    strategy.nodes, strategy.rng = nodes, random.Random(seed)
+    return strategy

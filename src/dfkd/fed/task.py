@@ -1,0 +1,124 @@
+"""What the server and every client of a federation agree on: the run's settings, the model,
+and how the training split is cut among clients. Both sides rebuild these from the Flower run
+config, so a client needs only its partition id and the dataset files."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from dfkd.data import load_dataset
+from dfkd.errors import DfkdError
+from dfkd.evaluate import EvalData, eval_data_for
+from dfkd.fed.partition import dirichlet_split, label_counts
+from dfkd.models.registry import model_input_shape
+from dfkd.teacher import Classifier, InputSpec, new_classifier
+
+ALGORITHMS = ("fedavg", "fedprox", "fedgen", "fedftg")
+_DEFAULT_MODEL = {"digits": "digits_cnn", "mnist": "lenet5", "fashion-mnist": "lenet5"}
+
+
+@dataclass
+class FedConfig:
+    """Everything `dfkd fed` needs; flat, because it travels as Flower's run config."""
+
+    dataset: str = "digits"
+    data_root: str = ""
+    model: str = ""  # zoo name; "" = lenet5 for (fashion-)mnist, digits_cnn for digits
+    clients: int = 10
+    alpha: float = 0.1  # Dirichlet concentration of the label split
+    algos: str = "fedavg,fedprox,fedgen,fedftg"
+    rounds: int = 20
+    fraction: float = 0.5  # share of clients sampled each round
+    seeds: int = 1  # seeds 0..seeds-1; each seed draws its own split and initialisation
+    local_steps: int = 50
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    prox_mu: float = 0.01
+    out: str = "runs/fed"
+    superlink: str = ""  # "" = Flower's simulation engine; HOST:PORT = a deployed SuperLink
+    result_path: str = ""  # set by the launcher: where the ServerApp writes its records
+
+    def algorithms(self) -> list[str]:
+        algos = [a.strip() for a in self.algos.split(",") if a.strip()]
+        unknown = [a for a in algos if a not in ALGORITHMS]
+        if unknown or not algos:
+            raise DfkdError(f"unknown algorithm(s) {unknown or self.algos!r}; choose from "
+                            f"{', '.join(ALGORITHMS)}")
+        return algos
+
+    def arch(self) -> str:
+        if self.model:
+            return self.model
+        if self.dataset not in _DEFAULT_MODEL:
+            raise DfkdError(f"no default model for dataset '{self.dataset}'; pass --model NAME")
+        return _DEFAULT_MODEL[self.dataset]
+
+    def to_run_config(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config) -> FedConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in dict(run_config).items()}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@functools.lru_cache(maxsize=4)
+def _split(dataset: str, data_root: str, split: str):
+    return load_dataset(dataset, split, root=data_root or None)
+
+
+def new_model(cfg: FedConfig, seed: int) -> Classifier:
+    """The federation's model, initialised from `seed` (every algorithm of a seed starts from
+    the same weights)."""
+    data = _split(cfg.dataset, cfg.data_root, "train")
+    torch.manual_seed(seed)
+    arch = cfg.arch()
+    spec = InputSpec(model_input_shape(arch), data.mean, data.std, data.num_classes,
+                     cfg.dataset)
+    return new_classifier(arch, spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted(cfg_key: tuple, split: str) -> EvalData:
+    cfg = FedConfig(**dict(cfg_key))
+    return eval_data_for(_split(cfg.dataset, cfg.data_root, split), new_model(cfg, 0))
+
+
+def _key(cfg: FedConfig) -> tuple:
+    return tuple(sorted((k, v) for k, v in dataclasses.asdict(cfg).items()
+                        if k in ("dataset", "data_root", "model")))
+
+
+def test_data(cfg: FedConfig) -> EvalData:
+    """The evaluation split (reports only), fitted to the model's input."""
+    return _fitted(_key(cfg), "test")
+
+
+def client_parts(cfg: FedConfig, seed: int) -> list[torch.Tensor]:
+    return _parts(_key(cfg), cfg.clients, cfg.alpha, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _parts(key: tuple, clients: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    return dirichlet_split(_fitted(key, "train").y, clients, alpha, seed)
+
+
+def client_data(cfg: FedConfig, seed: int, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and labels of one client's share of the training split under `seed`."""
+    if not 0 <= client < cfg.clients:
+        raise DfkdError(f"partition id {client} is outside 0..{cfg.clients - 1}: the SuperNodes' "
+                        f"num-partitions must equal --clients")
+    train = _fitted(_key(cfg), "train")
+    idx = client_parts(cfg, seed)[client]
+    return train.x[idx], train.y[idx]
+
+
+def all_label_counts(cfg: FedConfig, seed: int) -> torch.Tensor:
+    train = _fitted(_key(cfg), "train")
+    return label_counts(train.y, client_parts(cfg, seed), int(train.y.max()) + 1)
