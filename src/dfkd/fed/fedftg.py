@@ -89,4 +89,4 @@ def finetune_global(model: Classifier, clients: list[Classifier], counts: torch.
             s_opt.zero_grad(set_to_none=True)
             s_loss.backward()
             s_opt.step()
-    return {"generator_loss": float(g_loss), "distill_loss": float(s_loss)}
+    return {"generator_loss": float(g_loss.detach()), "distill_loss": float(s_loss.detach())}

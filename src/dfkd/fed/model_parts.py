@@ -1,5 +1,5 @@
-"""The two halves federated distillation needs of any classifier: its body up to the last
-linear layer (the feature space FedGen's generator writes into) and that layer (the head)."""
+"""What federated code needs of any classifier: its head (the last linear layer, whose input is
+the feature space FedGen's generator writes into) and the state a federation exchanges."""
 
 from __future__ import annotations
 
@@ -17,17 +17,6 @@ def head_of(model: Classifier) -> nn.Linear:
     if not linears:
         raise DfkdError(f"model '{model.arch}' has no nn.Linear head; FedGen needs one")
     return linears[-1]
-
-
-def logits_and_features(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of pixels x and the head's input, from one forward pass."""
-    seen = []
-    handle = head_of(model).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    return logits, seen[-1]
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
