@@ -199,18 +199,18 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
                       for i in range(0, len(x), batch_size)])
 
 
+def _read_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The live tensors the program's get_attr nodes read (parameters, buffers, or plain
+    attributes that convert left), by name."""
+    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    used = sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"})
+    return {name: state[name] if name in state else getattr(gm, name) for name in used}
+
+
 def constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the program reads (integer weights, scales, zero points, float biases):
     what the model is on disk, without its graph."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-    out = {}
-    for name in sorted(used):
-        t = state.get(name)
-        if t is None:
-            t = getattr(gm, name)
-        out[name] = t.detach().cpu().contiguous()
-    return out
+    return {k: t.detach().cpu().contiguous() for k, t in _read_tensors(gm).items()}
 
 
 def float_constants(model: Classifier) -> dict[str, torch.Tensor]:
@@ -299,15 +299,13 @@ def load_quantized(path: str | Path, device="cpu") -> torch.fx.GraphModule:
         gm = convert(prepared)
     else:
         gm = quantize_static(model, meta["scheme"], x)
-    current = constants(gm)
+    current = _read_tensors(gm)
     if current.keys() != stored.keys():
         raise DfkdError(f"'{path}' does not fit the program its architecture exports to now "
                         f"(constants differ: {sorted(current.keys() ^ stored.keys())[:4]})")
-    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     with torch.no_grad():
         for name, value in stored.items():
-            target = state.get(name)
-            target = getattr(gm, name) if target is None else target
+            target = current[name]
             if target.shape != value.shape or target.dtype != value.dtype:
                 raise DfkdError(f"'{path}': constant {name} is {value.dtype} "
                                 f"{tuple(value.shape)}, the program expects {target.dtype} "

@@ -84,8 +84,8 @@ def run_algorithm(grid: Grid, cfg: FedConfig, algo: str, seed: int,
                             train_config=ConfigRecord({"algo": algo, "seed": seed}),
                             evaluate_fn=evaluate)
     seconds = time.perf_counter() - t0
-    acc = [float(result.evaluate_metrics_serverapp[r]["acc"]) for r in range(1, cfg.rounds + 1)]
     rounds = range(1, cfg.rounds + 1)
+    acc = [float(result.evaluate_metrics_serverapp[r]["acc"]) for r in rounds]
     return {"algo": algo, "seed": seed, "acc_by_round": acc, "acc": acc[-1],
             "initial_acc": float(result.evaluate_metrics_serverapp[0]["acc"]),
             "bytes_sent_by_round": [strategy.bytes_sent.get(r, 0) for r in rounds],

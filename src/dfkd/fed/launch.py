@@ -141,8 +141,7 @@ def start_superlink(home: Path, port: int, simulation: bool, log: Path) -> subpr
            "--disable-runtime-dependency-installation"]
     if simulation:
         cmd.append("--simulation")
-    proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    proc = _spawn(cmd, home, log)
     try:
         wait_for_superlink(f"127.0.0.1:{port}", proc)
     except DfkdError:
@@ -200,7 +199,6 @@ def _records(path: Path) -> list[dict]:
 
 def run_on_flower(cfg: FedConfig, out: Path, progress: bool = True) -> list[dict]:
     """Simulation unless cfg.superlink names a deployed SuperLink."""
-    require_flower()
     if cfg.superlink:
         return submit(cfg, out, cfg.superlink, simulation=False, progress=progress)
     home = out / "flower"
@@ -219,5 +217,12 @@ def start_supernode(home: Path, superlink: str, partition: int, partitions: int,
     cmd = ["flower-supernode", "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
            "--port", str(port), "--node-config",
            f"partition-id={partition} num-partitions={partitions}"]
-    return subprocess.Popen(cmd, env=flower_env(home), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    return _spawn(cmd, home, log)
+
+
+def _spawn(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+    """A long-lived Flower process in a session of its own (so `stop` can end its group),
+    writing to `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=home)

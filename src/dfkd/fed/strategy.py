@@ -22,6 +22,16 @@ def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
 
 
+def _client_models(template: Classifier, replies: list[Message]) -> list[Classifier]:
+    """The round's client models, rebuilt from their replies."""
+    models = []
+    for r in replies:
+        m = copy.deepcopy(template)
+        load_state(m, _state(r.content["arrays"]))
+        models.append(m.eval())
+    return models
+
+
 def _counts(replies: list[Message]) -> torch.Tensor:
     return torch.tensor([list(r.content["metrics"]["label-counts"]) for r in replies])
 
@@ -105,11 +115,7 @@ class _FedGen(_SeededSampling):
             return arrays, metrics
         counts = _counts(replies)
         self.seen |= counts.sum(0) > 0
-        heads = []
-        for r in replies:
-            m = copy.deepcopy(self.model)
-            load_state(m, _state(r.content["arrays"]))
-            heads.append(head_of(m.eval().requires_grad_(False)))
+        heads = [head_of(m.requires_grad_(False)) for m in _client_models(self.model, replies)]
         loss = fedgen.train_generator(self.generator, heads, counts, self.opts, self.optimizer,
                                       self.gen)
         self.schedule.step()
@@ -131,11 +137,7 @@ class _FedFTG(_SeededSampling):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        clients = []
-        for r in replies:
-            m = copy.deepcopy(self.model)
-            load_state(m, _state(r.content["arrays"]))
-            clients.append(m)
+        clients = _client_models(self.model, replies)
         load_state(self.model, _state(arrays))
         stats = fedftg.finetune_global(self.model, clients, _counts(replies), self.generator,
                                        self.opts, self.gen)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd.data import load_dataset
+from dfkd.data import fit_to_input, load_dataset
 from dfkd.errors import DfkdError
-from dfkd.evaluate import EvalData, eval_data_for
+from dfkd.evaluate import EvalData
 from dfkd.fed.partition import dirichlet_split, label_counts
 from dfkd.models.registry import model_input_shape
 from dfkd.teacher import Classifier, InputSpec, new_classifier
@@ -73,40 +73,46 @@ def _split(dataset: str, data_root: str, split: str):
     return load_dataset(dataset, split, root=data_root or None)
 
 
+def _spec(cfg: FedConfig) -> InputSpec:
+    """The model's input: the zoo model's shape, the training split's normalization."""
+    data = _split(cfg.dataset, cfg.data_root, "train")
+    return InputSpec(model_input_shape(cfg.arch()), data.mean, data.std, data.num_classes,
+                     cfg.dataset)
+
+
 def new_model(cfg: FedConfig, seed: int) -> Classifier:
     """The federation's model, initialised from `seed` (every algorithm of a seed starts from
     the same weights)."""
-    data = _split(cfg.dataset, cfg.data_root, "train")
+    spec = _spec(cfg)
     torch.manual_seed(seed)
-    arch = cfg.arch()
-    spec = InputSpec(model_input_shape(arch), data.mean, data.std, data.num_classes,
-                     cfg.dataset)
-    return new_classifier(arch, spec)
+    return new_classifier(cfg.arch(), spec)
 
 
 @functools.lru_cache(maxsize=8)
-def _fitted(cfg_key: tuple, split: str) -> EvalData:
-    cfg = FedConfig(**dict(cfg_key))
-    return eval_data_for(_split(cfg.dataset, cfg.data_root, split), new_model(cfg, 0))
+def _fitted(dataset: str, data_root: str, model: str, split: str) -> EvalData:
+    cfg = FedConfig(dataset=dataset, data_root=data_root, model=model)
+    data = _split(dataset, data_root, split)
+    return EvalData(dataset, fit_to_input(data.images, _spec(cfg).shape, name=dataset),
+                    data.labels)
 
 
-def _key(cfg: FedConfig) -> tuple:
-    return tuple(sorted((k, v) for k, v in dataclasses.asdict(cfg).items()
-                        if k in ("dataset", "data_root", "model")))
+def _data(cfg: FedConfig, split: str) -> EvalData:
+    return _fitted(cfg.dataset, cfg.data_root, cfg.model, split)
 
 
 def test_data(cfg: FedConfig) -> EvalData:
     """The evaluation split (reports only), fitted to the model's input."""
-    return _fitted(_key(cfg), "test")
+    return _data(cfg, "test")
 
 
 def client_parts(cfg: FedConfig, seed: int) -> list[torch.Tensor]:
-    return _parts(_key(cfg), cfg.clients, cfg.alpha, seed)
+    return _parts(cfg.dataset, cfg.data_root, cfg.model, cfg.clients, cfg.alpha, seed)
 
 
 @functools.lru_cache(maxsize=8)
-def _parts(key: tuple, clients: int, alpha: float, seed: int) -> list[torch.Tensor]:
-    return dirichlet_split(_fitted(key, "train").y, clients, alpha, seed)
+def _parts(dataset: str, data_root: str, model: str, clients: int, alpha: float, seed: int
+           ) -> list[torch.Tensor]:
+    return dirichlet_split(_fitted(dataset, data_root, model, "train").y, clients, alpha, seed)
 
 
 def client_data(cfg: FedConfig, seed: int, client: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +120,11 @@ def client_data(cfg: FedConfig, seed: int, client: int) -> tuple[torch.Tensor, t
     if not 0 <= client < cfg.clients:
         raise DfkdError(f"partition id {client} is outside 0..{cfg.clients - 1}: the SuperNodes' "
                         f"num-partitions must equal --clients")
-    train = _fitted(_key(cfg), "train")
+    train = _data(cfg, "train")
     idx = client_parts(cfg, seed)[client]
     return train.x[idx], train.y[idx]
 
 
 def all_label_counts(cfg: FedConfig, seed: int) -> torch.Tensor:
-    train = _fitted(_key(cfg), "train")
-    return label_counts(train.y, client_parts(cfg, seed), int(train.y.max()) + 1)
+    return label_counts(_data(cfg, "train").y, client_parts(cfg, seed),
+                        _spec(cfg).num_classes)
