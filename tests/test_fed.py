@@ -50,6 +50,8 @@ def test_config_travels_as_a_flower_run_config_and_checks_algorithms():
     assert cfg.to_run_config()["local-steps"] == 50 and cfg.arch() == "digits_cnn"
     with pytest.raises(DfkdError, match="unknown algorithm"):
         FedConfig(algos="fedavg,fedsgd").algorithms()
+    with pytest.raises(DfkdError, match="no default model for dataset 'cifar10'; pass --model"):
+        FedConfig(dataset="cifar10").arch()
     with pytest.raises(DfkdError, match="num-partitions must equal --clients"):
         client_data(cfg, 0, 3)
     x, y = client_data(cfg, 0, 2)
