@@ -6,13 +6,15 @@ from torch import nn
 
 from dfkd.cli import main
 from dfkd.errors import DfkdError
-from dfkd.fed import fedftg, fedgen, launch
-from dfkd.fed.local import LocalOptions, local_train
+from dfkd.fed import fedd2s, fedftg, fedgen, launch
+from dfkd.fed.local import D2STerm, LocalOptions, local_train
 from dfkd.fed.partition import dirichlet_split, label_counts, plot_label_counts
+from dfkd.fed.personal import per_class_accuracy, personal_accuracy
 from dfkd.fed.task import FedConfig, client_data, new_model
 from dfkd.teacher import load_classifier
 
 flwr = pytest.importorskip("flwr")
+from dfkd.fed.apps import checked  # noqa: E402  (needs flwr)
 
 
 def test_dirichlet_split_is_a_seeded_partition_and_skews_with_small_alpha(tmp_path):
@@ -47,7 +49,7 @@ def test_dirichlet_split_errors():
 def test_config_travels_as_a_flower_run_config_and_checks_algorithms():
     cfg = FedConfig(dataset="digits", clients=3, alpha=0.5, algos="fedavg,fedgen")
     assert FedConfig.from_run_config(cfg.to_run_config()) == cfg
-    assert cfg.to_run_config()["local-steps"] == 50 and cfg.arch() == "digits_cnn"
+    assert cfg.to_run_config()["local-steps"] == 20 and cfg.arch() == "digits_cnn"
     with pytest.raises(DfkdError, match="unknown algorithm"):
         FedConfig(algos="fedavg,fedsgd").algorithms()
     with pytest.raises(DfkdError, match="no default model for dataset 'cifar10'; pass --model"):
@@ -121,6 +123,83 @@ def test_fedftg_moves_the_global_model_toward_the_class_weighted_ensemble(digits
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_fedd2s_splits_a_sequential_model_deepest_first_and_checks_it():
+    model = new_model(FedConfig(dataset="digits"), 0)
+    seq = fedd2s.layers(model)
+    x = torch.rand(4, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(seq(model.normalize(x)), model(x), atol=1e-6)
+    points = fedd2s.split_points(seq)
+    assert points == sorted(points, reverse=True) and isinstance(seq[points[0]], nn.Linear)
+    assert seq[points[0]] is model.net.fc  # the deepest split feeds the classifier alone
+    schedule = [fedd2s.active_split(points, r, 2) for r in range(1, 2 * len(points) + 3)]
+    assert schedule == [p for p in points for _ in range(2)] + [points[-1]] * 2
+    model.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(DfkdError, match="at least two weighted"):
+        fedd2s.split_points(fedd2s.layers(model))
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 10), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.a(x.flatten(1)) + self.b(x.flatten(1))
+
+    model.net = Branchy()
+    with pytest.raises(DfkdError, match="layers run in sequence"):
+        fedd2s.layers(model)
+
+
+def test_fedd2s_head_learns_uploads_and_distils_into_a_client():
+    torch.manual_seed(0)
+    cfg = FedConfig(dataset="digits", clients=3, alpha=0.5)
+    server, client = new_model(cfg, 0), new_model(cfg, 1)
+    x, y = client_data(cfg, 0, 0)
+    split = fedd2s.split_points(fedd2s.layers(server))[1]  # the input of the hidden layer
+    gen = torch.Generator().manual_seed(0)
+    z, idx, soft = fedd2s.upload(client, split, x, 64, 1.0, gen)
+    assert len(z) == len(idx) == len(soft) == min(64, len(x))
+    assert torch.allclose(soft.sum(1), torch.ones(len(soft)))
+    head = fedd2s.head_of_split(server, split)
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(head.eval()(z), y[idx])
+    opts = fedd2s.FedD2SOptions(server_steps=30)
+    after = fedd2s.train_head(head, z, y[idx], soft, opts, gen)
+    assert after < before.item()
+    own = fedd2s.head_of_split(server, split).parameters()  # the server's own layers, trained
+    assert all(a is b for a, b in zip(head.parameters(), own, strict=True))
+
+    def disagreement():
+        seq = fedd2s.layers(client)
+        client.eval()
+        with torch.no_grad():
+            zc = seq[:split](client.normalize(x))
+            return fedd2s.distill_loss(seq[split:](zc), head(zc), 1.0).item()
+
+    before_kd = disagreement()
+    term = D2STerm(head, split, weight=5.0, temperature=1.0)
+    local_train(client, x, y, LocalOptions(steps=30), gen, d2s_term=term)
+    assert disagreement() < before_kd
+    assert not any(p.requires_grad for p in head.parameters())
+
+
+def test_personal_accuracy_weights_classes_by_the_clients_label_mix():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 0, 0, 0])
+    per_class = per_class_accuracy(pred, y, 3)
+    assert per_class.tolist() == [1.0, 0.5, 0.0]
+    assert personal_accuracy(per_class, torch.tensor([3, 1, 0])) == pytest.approx(0.875)
+    assert personal_accuracy(per_class, torch.tensor([0, 0, 5])) == 0.0
+
+
+def test_serverapp_names_supernodes_that_hold_the_wrong_partitions():
+    assert checked({1: 12, 0: 11}, 2) == {0: 11, 1: 12}
+    with pytest.raises(RuntimeError, match=r"hold partitions \[0, 2\], expected 0..1"):
+        checked({0: 11, 2: 12}, 2)
+
+
 def test_cli_fed_runs_every_algorithm_in_the_simulation_engine(tmp_path, capsys):
     out = tmp_path / "fed"
     rc = main(["fed", "--dataset", "digits", "--clients", "3", "--alpha", "0.5", "--rounds",
@@ -129,10 +208,15 @@ def test_cli_fed_runs_every_algorithm_in_the_simulation_engine(tmp_path, capsys)
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "results.json").read_text())
     assert [(x["algo"], x["seed"]) for x in r["records"]] == [
-        ("fedavg", 0), ("fedprox", 0), ("fedgen", 0), ("fedftg", 0)]
+        ("fedavg", 0), ("fedprox", 0), ("fedgen", 0), ("fedftg", 0), ("fedd2s", 0)]
     for rec in r["records"]:
         assert len(rec["acc_by_round"]) == 2 and rec["acc"] == rec["acc_by_round"][-1]
+        assert len(rec["personal_acc_by_round"]) == 2
         assert all(b > 0 for b in rec["bytes_sent_by_round"])
+    d2s = r["records"][4]
+    assert d2s["metric"] == "personal" and d2s["acc_by_round"] == d2s["personal_acc_by_round"]
+    assert d2s["acc"] > 0.5  # clients fit their own label mix in two rounds
+    assert r["records"][0]["metric"] == "global"
     fedgen_bytes = r["records"][2]["bytes_sent_by_round"]
     assert fedgen_bytes[1] > fedgen_bytes[0]  # the generator travels from round 2 on
     assert r["records"][0]["acc"] > 0.2  # better than chance after two rounds
@@ -160,7 +244,7 @@ def test_the_same_apps_run_as_a_deployment_superlink_and_two_supernodes(tmp_path
     try:
         out = tmp_path / "fed"
         rc = main(["fed", "--superlink", f"127.0.0.1:{port}", "--dataset", "digits",
-                   "--clients", "2", "--rounds", "2", "--algo", "fedavg,fedgen",
+                   "--clients", "2", "--rounds", "2", "--algo", "fedavg,fedgen,fedd2s",
                    "--local-steps", "5", "--fraction", "1.0", "--out", str(out),
                    "--no-progress"])
         assert rc == 0, capsys.readouterr().err
@@ -169,5 +253,5 @@ def test_the_same_apps_run_as_a_deployment_superlink_and_two_supernodes(tmp_path
             launch.stop(proc)
     r = json.loads((out / "results.json").read_text())
     assert r["engine"].startswith("deployment")
-    assert [x["algo"] for x in r["records"]] == ["fedavg", "fedgen"]
+    assert [x["algo"] for x in r["records"]] == ["fedavg", "fedgen", "fedd2s"]
     assert all(len(x["acc_by_round"]) == 2 for x in r["records"])

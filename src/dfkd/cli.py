@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=S)
     p.add_argument("--fraction", type=float, default=S, help="share of clients per round (0.5)")
     p.add_argument("--seeds", type=int, default=S, help="seeds 0..S-1 (split and initialisation)")
-    p.add_argument("--local-steps", type=int, default=S, help="client SGD steps per round (50)")
+    p.add_argument("--local-steps", type=int, default=S, help="client SGD steps per round (20)")
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--lr", type=float, default=S)
     p.add_argument("--superlink", default=S, help="HOST:PORT of a deployed SuperLink (default: "

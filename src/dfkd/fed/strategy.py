@@ -1,5 +1,6 @@
 """Flower strategies of the algorithms: FedAvg and FedProx as Flower ships them, FedGen and
-FedFTG as FedAvg plus their server-side step, all counting the bytes each round moves."""
+FedFTG as FedAvg plus their server-side step, FedD2S (no averaging: a global head trained on
+the clients' uploads), all counting the bytes each round moves."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import random
 from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from dfkd.fed import fedftg, fedgen
+from dfkd.fed import fedd2s, fedftg, fedgen
 from dfkd.fed.model_parts import head_of, load_state, state_of
 from dfkd.fed.task import FedConfig
 from dfkd.teacher import Classifier
@@ -145,6 +146,50 @@ class _FedFTG(_SeededSampling):
         return ArrayRecord(state_of(self.model)), metrics
 
 
+class _FedD2S(_SeededSampling):
+    """Clients keep their own models; the server sends its head at the round's split and
+    trains it on what the clients upload. The round's metric is the mean personalised accuracy
+    over all clients, each at its latest model (`personal` starts at the initial model's)."""
+
+    def __init__(self, model: Classifier, opts: fedd2s.FedD2SOptions, seed: int,
+                 personal: dict[int, float], **kwargs):
+        super().__init__(**kwargs)
+        self.server, self.opts, self.personal = copy.deepcopy(model), opts, dict(personal)
+        self.points = fedd2s.split_points(fedd2s.layers(self.server))
+        self.trained: set[int] = set()  # splits whose head the server has trained
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _split(self, server_round: int) -> int:
+        return fedd2s.active_split(self.points, server_round, self.opts.drop_every)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        split = self._split(server_round)
+        o = self.opts
+        config.update({"d2s-split": split, "d2s-kd": o.kd_weight if split in self.trained else 0.0,
+                       "d2s-temperature": o.temperature, "d2s-upload": o.upload})
+        head = ArrayRecord(fedd2s.head_of_split(self.server, split).state_dict())
+        return super().configure_train(server_round, head, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = [r for r in replies if not r.has_error()]
+        if not replies:
+            return None, MetricRecord()
+        split = self._split(server_round)
+        ups = [r.content["upload"].to_torch_state_dict() for r in replies]
+        z, y, soft = (torch.cat([u[k] for u in ups]) for k in ("z", "y", "soft"))
+        loss = fedd2s.train_head(fedd2s.head_of_split(self.server, split), z, y, soft, self.opts,
+                                 self.gen)
+        self.trained.add(split)
+        metrics = [r.content["metrics"] for r in replies]
+        for m in metrics:
+            self.personal[int(m["partition"])] = float(m["personal-acc"])
+        n = sum(int(m["num-examples"]) for m in metrics)
+        return ArrayRecord(state_of(self.server)), MetricRecord({
+            "personal-acc": sum(self.personal.values()) / len(self.personal),
+            "train-loss": sum(float(m["train-loss"]) * int(m["num-examples"]) for m in metrics) / n,
+            "head-loss": loss, "split": split})
+
+
 class FedAvgRun(_CountBytes, _SeededSampling):
     pass
 
@@ -161,9 +206,14 @@ class FedFTGRun(_CountBytes, _FedFTG):
     pass
 
 
+class FedD2SRun(_CountBytes, _FedD2S):
+    pass
+
+
 def make_strategy(algo: str, cfg: FedConfig, model: Classifier, seed: int,
-                  nodes: dict[int, int]):
-    """`nodes` maps each partition id to the Flower node that holds it."""
+                  nodes: dict[int, int], personal: dict[int, float]):
+    """`nodes` maps each partition id to the Flower node that holds it; `personal`, each
+    partition's personalised accuracy of the initial model."""
     common = {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0, "min_train_nodes": 1,
               "min_available_nodes": cfg.clients}
     if algo == "fedavg":
@@ -174,6 +224,8 @@ def make_strategy(algo: str, cfg: FedConfig, model: Classifier, seed: int,
         strategy = FedGenRun(model, fedgen.FedGenOptions(), seed, **common)
     elif algo == "fedftg":
         strategy = FedFTGRun(model, fedftg.FedFTGOptions(), seed, **common)
+    elif algo == "fedd2s":
+        strategy = FedD2SRun(model, fedd2s.FedD2SOptions(), seed, personal, **common)
     else:
         raise ValueError(algo)
     strategy.nodes, strategy.rng = nodes, random.Random(seed)

@@ -17,7 +17,7 @@ from dfkd.fed.partition import dirichlet_split, label_counts
 from dfkd.models.registry import model_input_shape
 from dfkd.teacher import Classifier, InputSpec, new_classifier
 
-ALGORITHMS = ("fedavg", "fedprox", "fedgen", "fedftg")
+ALGORITHMS = ("fedavg", "fedprox", "fedgen", "fedftg", "fedd2s")
 _DEFAULT_MODEL = {"digits": "digits_cnn", "mnist": "lenet5", "fashion-mnist": "lenet5"}
 
 
@@ -30,11 +30,11 @@ class FedConfig:
     model: str = ""  # zoo name; "" = lenet5 for (fashion-)mnist, digits_cnn for digits
     clients: int = 10
     alpha: float = 0.1  # Dirichlet concentration of the label split
-    algos: str = "fedavg,fedprox,fedgen,fedftg"
+    algos: str = "fedavg,fedprox,fedgen,fedftg,fedd2s"
     rounds: int = 20
     fraction: float = 0.5  # share of clients sampled each round
     seeds: int = 1  # seeds 0..seeds-1; each seed draws its own split and initialisation
-    local_steps: int = 50
+    local_steps: int = 20  # FedGen's setting: 20 local updates of batch 32
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
