@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration of the label "
                    "split (0.1: each client holds one or two classes)")
     p.add_argument("--algo", dest="algos", default=S, help="comma-separated: fedavg, fedprox, "
-                   "fedgen, fedftg (default all)")
+                   "fedgen, fedftg, fedd2s (default all)")
     p.add_argument("--rounds", type=int, default=S)
     p.add_argument("--fraction", type=float, default=S, help="share of clients per round (0.5)")
     p.add_argument("--seeds", type=int, default=S, help="seeds 0..S-1 (split and initialisation)")
