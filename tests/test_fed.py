@@ -115,7 +115,7 @@ def test_fedftg_moves_the_global_model_toward_the_class_weighted_ensemble(digits
 
     before = agreement()
     g = fedftg.conditional_generator(student, 16)
-    opts = fedftg.FedFTGOptions(noise_dim=16, iterations=15, student_steps=5)
+    opts = fedftg.FedFTGOptions(noise_dim=16, iterations=40, student_steps=5)
     stats = fedftg.finetune_global(student, [teacher, teacher], counts, g, opts,
                                    torch.Generator().manual_seed(0))
     assert agreement() > before + 0.1
