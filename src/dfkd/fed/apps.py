@@ -175,7 +175,7 @@ def train(message: Message, context: Context) -> Message:
                                                    .encode()))
     opts = LocalOptions(cfg.local_steps, cfg.batch_size, cfg.lr, cfg.momentum,
                         float(config.get("proximal-mu", 0.0)))
-    counts = torch.bincount(y, minlength=new_model(cfg, seed).spec.num_classes)
+    counts = all_label_counts(cfg, seed)[client]
     metrics = {"num-examples": len(y), "label-counts": [int(c) for c in counts],
                "partition": client}
     if algo == "fedd2s":
