@@ -11,6 +11,7 @@ from dfkd.fed.local import D2STerm, LocalOptions, local_train
 from dfkd.fed.partition import dirichlet_split, label_counts, plot_label_counts
 from dfkd.fed.personal import per_class_accuracy, personal_accuracy
 from dfkd.fed.task import FedConfig, client_data, new_model
+from dfkd.hooks import BNStatsHook, bn_layers
 from dfkd.teacher import load_classifier
 
 flwr = pytest.importorskip("flwr")
@@ -115,12 +116,36 @@ def test_fedftg_moves_the_global_model_toward_the_class_weighted_ensemble(digits
 
     before = agreement()
     g = fedftg.conditional_generator(student, 16)
-    opts = fedftg.FedFTGOptions(noise_dim=16, iterations=40, student_steps=5)
+    opts = fedftg.FedFTGOptions(noise_dim=16, iterations=40, student_steps=5, lr=0.01)
     stats = fedftg.finetune_global(student, [teacher, teacher], counts, g, opts,
                                    torch.Generator().manual_seed(0))
     assert agreement() > before + 0.1
     assert stats["distill_loss"] > 0
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_fedftg_bn_prior_pulls_samples_toward_the_clients_statistics(digits_teacher):
+    teacher = load_classifier(digits_teacher).eval()
+    counts = torch.tensor([[30] * 5 + [0] * 5, [0] * 5 + [30] * 5])
+
+    def bn_distance(bn_weight: float) -> float:
+        torch.manual_seed(0)
+        student = new_model(FedConfig(dataset="digits"), 0).eval()
+        g = fedftg.conditional_generator(student, 16)
+        opts = fedftg.FedFTGOptions(noise_dim=16, iterations=30, bn_weight=bn_weight)
+        fedftg.finetune_global(student, [teacher, teacher], counts, g, opts,
+                               torch.Generator().manual_seed(0))
+        hooks = [BNStatsHook(m) for m in bn_layers(teacher)]
+        y = torch.arange(10).repeat(5)
+        x = g(torch.cat([torch.randn(50, 16), torch.nn.functional.one_hot(y, 10).float()], 1))
+        teacher.net(x)
+        distance = sum(h.loss for h in hooks).item()
+        for h in hooks:
+            h.remove()
+        return distance
+
+    assert bn_distance(1.0) < 0.7 * bn_distance(0.0)
+    assert all(not m._forward_hooks for m in teacher.modules())  # the prior's hooks are gone
 
 
 def test_fedd2s_splits_a_sequential_model_deepest_first_and_checks_it():

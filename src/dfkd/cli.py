@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
 
     p = sub.add_parser("fed", help="federated learning with data-free distillation on Flower "
-                       "(FedAvg, FedProx, FedGen, FedFTG)")
+                       "(FedAvg, FedProx, FedGen, FedFTG, FedD2S)")
     p.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist")
     p.add_argument("--data-root", default=S)
     p.add_argument("--model", default=S, help="zoo model (default lenet5 for mnist, digits_cnn "
@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=S, help="seeds 0..S-1 (split and initialisation)")
     p.add_argument("--local-steps", type=int, default=S, help="client SGD steps per round (20)")
     p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--lr", type=float, default=S, help="client SGD learning rate (0.01)")
+    p.add_argument("--momentum", type=float, default=S, help="client SGD momentum (0: plain SGD, "
+                   "as FedGen's authors)")
     p.add_argument("--superlink", default=S, help="HOST:PORT of a deployed SuperLink (default: "
                    "Flower's simulation engine)")
     p.add_argument("--out", default=S)
@@ -341,7 +343,7 @@ def run(argv: list[str]) -> int:
 
         flags = _flags(args, ("dataset", "data_root", "model", "clients", "alpha", "algos",
                               "rounds", "fraction", "seeds", "local_steps", "batch_size", "lr",
-                              "superlink", "out"))
+                              "momentum", "superlink", "out"))
         cfg = _config(FedConfig, args, flags)
         r = federate(cfg, progress=progress, command=command)
         print(", ".join(f"{a} {100 * v['acc_mean']:.2f}%" for a, v in r["summary"].items())

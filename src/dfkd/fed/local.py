@@ -19,7 +19,7 @@ class LocalOptions:
     steps: int = 20  # minibatch steps per round
     batch_size: int = 32
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.0
     prox_mu: float = 0.01  # FedProx's mu (used by fedprox only)
 
 

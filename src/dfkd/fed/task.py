@@ -18,7 +18,7 @@ from dfkd.models.registry import model_input_shape
 from dfkd.teacher import Classifier, InputSpec, new_classifier
 
 ALGORITHMS = ("fedavg", "fedprox", "fedgen", "fedftg", "fedd2s")
-_DEFAULT_MODEL = {"digits": "digits_cnn", "mnist": "lenet5", "fashion-mnist": "lenet5"}
+_DEFAULT_MODEL = {"digits": "digits_cnn_quarter", "mnist": "lenet5", "fashion-mnist": "lenet5"}
 
 
 @dataclass
@@ -37,7 +37,7 @@ class FedConfig:
     local_steps: int = 20  # FedGen's setting: 20 local updates of batch 32
     batch_size: int = 32
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.0  # plain SGD, as FedGen's authors' clients (see BENCHMARKS for 0.9)
     prox_mu: float = 0.01
     out: str = "runs/fed"
     superlink: str = ""  # "" = Flower's simulation engine; HOST:PORT = a deployed SuperLink
