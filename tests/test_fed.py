@@ -225,10 +225,11 @@ def test_serverapp_names_supernodes_that_hold_the_wrong_partitions():
         checked({0: 11, 2: 12}, 2)
 
 
-def test_cli_fed_runs_every_algorithm_in_the_simulation_engine(tmp_path, capsys):
+def test_cli_fed_runs_every_algorithm_in_the_simulation_engine(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out: Flower's processes run in other folders
     out = tmp_path / "fed"
     rc = main(["fed", "--dataset", "digits", "--clients", "3", "--alpha", "0.5", "--rounds",
-               "2", "--local-steps", "5", "--fraction", "0.7", "--out", str(out),
+               "2", "--local-steps", "5", "--fraction", "0.7", "--out", "fed",
                "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "results.json").read_text())
@@ -249,6 +250,33 @@ def test_cli_fed_runs_every_algorithm_in_the_simulation_engine(tmp_path, capsys)
         assert (out / name).exists(), name
     assert "| fedftg |" in (out / "report.md").read_text()
     assert "fedavg" in capsys.readouterr().out
+
+
+def test_replies_are_aggregated_in_partition_order_whatever_their_arrival():
+    from dfkd.fed.strategy import in_partition_order
+
+    class Reply:  # the two things of a Flower reply that the order reads
+        def __init__(self, partition=None):
+            self.content = {"metrics": {"partition": partition}}
+
+        def has_error(self):
+            return self.content["metrics"]["partition"] is None
+
+    failed = Reply()
+    ordered = in_partition_order([Reply(3), failed, Reply(0), Reply(2)])
+    assert [m.content["metrics"]["partition"] for m in ordered[:3]] == [0, 2, 3]
+    assert ordered[3] is failed
+
+
+def test_a_failed_flower_run_is_named_by_its_last_error(tmp_path):
+    log = tmp_path / "flower.log"
+    log.write_text("INFO: starting\n╭─ Error ──────╮\n│ Failed to load Flower App   │\n"
+                   "│ configuration in 'x'.       │\n╰──────────────╯\n")
+    assert launch._last_error(log) == "Failed to load Flower App configuration in 'x'."
+    log.write_text("Traceback (most recent call last):\nValueError: bad partition\n")
+    assert launch._last_error(log) == "ValueError: bad partition"
+    log.write_text("INFO: all fine\n")
+    assert launch._last_error(log) == "no error in the log"
 
 
 def test_fed_refuses_an_unknown_algorithm_before_starting_anything(tmp_path, capsys):

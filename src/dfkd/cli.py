@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(FedAvg, FedProx, FedGen, FedFTG, FedD2S)")
     p.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist")
     p.add_argument("--data-root", default=S)
-    p.add_argument("--model", default=S, help="zoo model (default lenet5 for mnist, digits_cnn "
-                   "for digits)")
+    p.add_argument("--model", default=S, help="zoo model (default lenet5 for mnist, "
+                   "digits_cnn_quarter for digits)")
     p.add_argument("--clients", type=int, default=S, help="number of clients (10)")
     p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration of the label "
                    "split (0.1: each client holds one or two classes)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -184,10 +185,17 @@ def submit(cfg: FedConfig, out: Path, address: str, simulation: bool,
 
 
 def _last_error(log: Path) -> str:
-    """The last exception line of a Flower log, e.g. "ValueError: ..."."""
+    """The last exception line of a Flower log, e.g. "ValueError: ...", or the text of the
+    last error box the flwr command drew."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
     errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln)]
-    return errors[-1][:300] if errors else "no error in the log"
+    if errors:
+        return errors[-1][:300]
+    boxes = [i for i, ln in enumerate(lines) if ln.startswith("╭─ Error")]
+    if boxes:
+        inside = itertools.takewhile(lambda ln: ln.startswith("│"), lines[boxes[-1] + 1:])
+        return " ".join(" ".join(ln.strip("│ ") for ln in inside).split())[:300]
+    return "no error in the log"
 
 
 def _records(path: Path) -> list[dict]:

@@ -3,6 +3,7 @@ report.md, accuracy per round and the per-client label counts as plots)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ from dfkd.report import pyplot, save_figure
 def federate(cfg: FedConfig, *, progress: bool = True, command: str = "") -> dict:
     algos = cfg.algorithms()
     require_flower()
+    # Flower's apps run in other processes and folders: relative paths would point elsewhere
+    cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()), data_root=str(
+        Path(cfg.data_root).resolve()) if cfg.data_root else "")
     out = Path(cfg.out)
     counts = all_label_counts(cfg, 0)  # loads the data: a missing dataset fails before Flower
     prepare_run_dir(out, cfg, False, command)
