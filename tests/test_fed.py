@@ -50,7 +50,7 @@ def test_dirichlet_split_errors():
 def test_config_travels_as_a_flower_run_config_and_checks_algorithms():
     cfg = FedConfig(dataset="digits", clients=3, alpha=0.5, algos="fedavg,fedgen")
     assert FedConfig.from_run_config(cfg.to_run_config()) == cfg
-    assert cfg.to_run_config()["local-steps"] == 20 and cfg.arch() == "digits_cnn"
+    assert cfg.to_run_config()["local-steps"] == 20 and cfg.arch() == "digits_cnn_quarter"
     with pytest.raises(DfkdError, match="unknown algorithm"):
         FedConfig(algos="fedavg,fedsgd").algorithms()
     with pytest.raises(DfkdError, match="no default model for dataset 'cifar10'; pass --model"):
