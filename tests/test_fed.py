@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -176,6 +177,19 @@ def test_fedd2s_splits_a_sequential_model_deepest_first_and_checks_it():
     with pytest.raises(DfkdError, match="layers run in sequence"):
         fedd2s.layers(model)
 
+    class Doubled(nn.Module):  # features and fc, but a forward of its own
+        def __init__(self):
+            super().__init__()
+            self.features, self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64, 8)), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return 2 * self.fc(self.features(x))
+
+    model.net = Doubled()
+    assert len(fedd2s.layers(model)) == 3
+    with pytest.raises(DfkdError, match="cannot split"):
+        fedd2s.checked_layers(model)
+
 
 def test_fedd2s_head_learns_uploads_and_distils_into_a_client():
     torch.manual_seed(0)
@@ -196,17 +210,21 @@ def test_fedd2s_head_learns_uploads_and_distils_into_a_client():
     own = fedd2s.head_of_split(server, split).parameters()  # the server's own layers, trained
     assert all(a is b for a, b in zip(head.parameters(), own, strict=True))
 
-    def disagreement():
-        seq = fedd2s.layers(client)
-        client.eval()
+    def disagreement(model):
+        seq = fedd2s.layers(model)
+        model.eval()
+        head.eval()
         with torch.no_grad():
-            zc = seq[:split](client.normalize(x))
+            zc = seq[:split](model.normalize(x))
             return fedd2s.distill_loss(seq[split:](zc), head(zc), 1.0).item()
 
-    before_kd = disagreement()
+    alone, distilled = copy.deepcopy(client), client
+    local_train(alone, x, y, LocalOptions(steps=30), torch.Generator().manual_seed(1))
     term = D2STerm(head, split, weight=5.0, temperature=1.0)
-    local_train(client, x, y, LocalOptions(steps=30), gen, d2s_term=term)
-    assert disagreement() < before_kd
+    local_train(distilled, x, y, LocalOptions(steps=30), torch.Generator().manual_seed(1),
+                d2s_term=term)
+    # its own labels alone pull a client away from the head; the KL term holds it close
+    assert disagreement(distilled) < disagreement(alone) / 2
     assert not any(p.requires_grad for p in head.parameters())
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.losses import soft_target_loss
 from dfkd.teacher import Classifier
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -44,7 +45,8 @@ class FedD2SOptions:
 
 def layers(model: Classifier) -> nn.Sequential:
     """The network as one sequence of layers: an nn.Sequential, or `features` (a Sequential)
-    followed by `fc` (the zoo's small CNNs). Checked on a random input; a clear error otherwise."""
+    followed by `fc` (the zoo's small CNNs); a clear error otherwise. `checked_layers` also
+    checks that the sequence computes what the model does."""
     net = model.net
     if isinstance(net, nn.Sequential):
         seq = net
@@ -54,6 +56,13 @@ def layers(model: Classifier) -> nn.Sequential:
     else:
         raise DfkdError(f"FedD2S needs a model whose layers run in sequence (an nn.Sequential, or "
                         f"`features` then `fc`); '{model.arch}' is neither")
+    return seq
+
+
+def checked_layers(model: Classifier) -> nn.Sequential:
+    """`layers(model)`, run beside the model on a random input (once per run, on the server):
+    a forward that is not fc(features(x)) cannot be split."""
+    seq, net = layers(model), model.net
     x = torch.randn(2, *model.spec.shape)
     was_training = net.training
     with torch.no_grad():
@@ -81,9 +90,8 @@ def active_split(points: list[int], server_round: int, drop_every: int) -> int:
 def distill_loss(logits: torch.Tensor, head_logits: torch.Tensor, temperature: float
                  ) -> torch.Tensor:
     """KL(softmax(head/T) || softmax(logits/T)) * T^2, the head's side held fixed."""
-    t = temperature
-    target = F.softmax(head_logits.detach() / t, 1)
-    return F.kl_div(F.log_softmax(logits / t, 1), target, reduction="batchmean") * t * t
+    return soft_target_loss(logits, F.softmax(head_logits.detach() / temperature, 1),
+                            temperature)
 
 
 def train_head(head: nn.Sequential, z: torch.Tensor, y: torch.Tensor, soft: torch.Tensor,
@@ -96,9 +104,8 @@ def train_head(head: nn.Sequential, z: torch.Tensor, y: torch.Tensor, soft: torc
     for _ in range(opts.server_steps):
         idx = torch.randint(len(y), (min(opts.server_batch, len(y)),), generator=gen)
         logits = head(z[idx])
-        t = opts.temperature
-        kl = F.kl_div(F.log_softmax(logits / t, 1), soft[idx], reduction="batchmean") * t * t
-        loss = F.cross_entropy(logits, y[idx]) + kl
+        loss = F.cross_entropy(logits, y[idx]) + soft_target_loss(logits, soft[idx],
+                                                                   opts.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.losses import soft_target_loss
+
 
 @dataclass
 class FedGenOptions:
@@ -94,6 +96,6 @@ def regularizer(head: nn.Module, generator: FeatureGenerator, logits: torch.Tens
         target = F.softmax(head(generator(y, gen)[0]), 1)
         sampled = classes[torch.randint(len(classes), (len(y),), generator=gen)].to(y.device)
         feats = generator(sampled, gen)[0]
-    latent = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+    latent = soft_target_loss(logits, target, 1.0)
     teacher = F.cross_entropy(head(feats), sampled)
     return alpha * teacher + beta * latent

@@ -165,7 +165,7 @@ class _FedD2S(_SeededSampling):
                  personal: dict[int, float], **kwargs):
         super().__init__(**kwargs)
         self.server, self.opts, self.personal = copy.deepcopy(model), opts, dict(personal)
-        self.points = fedd2s.split_points(fedd2s.layers(self.server))
+        self.points = fedd2s.split_points(fedd2s.checked_layers(self.server))
         self.trained: set[int] = set()  # splits whose head the server has trained
         self.gen = torch.Generator().manual_seed(seed)
 

@@ -27,7 +27,7 @@ class FedConfig:
 
     dataset: str = "digits"
     data_root: str = ""
-    model: str = ""  # zoo name; "" = lenet5 for (fashion-)mnist, digits_cnn for digits
+    model: str = ""  # zoo name; "" = lenet5 for (fashion-)mnist, digits_cnn_quarter for digits
     clients: int = 10
     alpha: float = 0.1  # Dirichlet concentration of the label split
     algos: str = "fedavg,fedprox,fedgen,fedftg,fedd2s"
