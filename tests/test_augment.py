@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from dfkd.augment import CHOICES, apply, default_shift, mix_pairs, random_affine, shift_flip
+from dfkd.augment import (
+    CHOICES,
+    apply,
+    default_shift,
+    inversion_view,
+    mix_pairs,
+    random_affine,
+    random_roll,
+    shift_flip,
+)
 from dfkd.cli import build_parser
 from dfkd.errors import DfkdError
 
@@ -44,6 +53,29 @@ def test_affine_is_identity_without_range_and_varies_per_sample_with_it():
     digit[..., 8:24, 14:18] = 1.0  # a centred stroke keeps most of its ink under +-15 degrees
     moved = random_affine(digit.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1), 2)
     assert ((moved.sum((1, 2, 3)) / digit.sum()) - 1).abs().max() < 0.25
+
+
+def test_inversion_views_roll_affine_none():
+    """The per-step views of pixel inversion: roll is DeepInversion's batch-wide roll, affine
+    moves every sample on its own, keeps a black (fill-valued) canvas black and passes
+    gradients back to the optimized inputs; none is the identity."""
+    fill = torch.tensor(-0.42).view(1, 1, 1, 1)
+    z = torch.randn(16, 1, 32, 32)
+    assert torch.equal(inversion_view(z, "none", 2, torch.Generator().manual_seed(0), fill), z)
+    rolled = inversion_view(z, "roll", 2, torch.Generator().manual_seed(0), fill)
+    assert torch.equal(rolled, random_roll(z, 2, torch.Generator().manual_seed(0)))
+    black = fill.expand(4, 1, 32, 32)
+    torch.testing.assert_close(
+        inversion_view(black, "affine", 2, torch.Generator().manual_seed(0), fill), black)
+    stroke = fill.expand(16, 1, 32, 32).clone()
+    stroke[..., 8:24, 14:18] = 2.0
+    stroke.requires_grad_(True)
+    moved = inversion_view(stroke, "affine", 2, torch.Generator().manual_seed(1), fill)
+    assert len({round(float(m.sum()), 3) for m in moved.detach()}) == 16  # one move per sample
+    moved.pow(2).sum().backward()
+    assert stroke.grad.abs().sum() > 0
+    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+        inversion_view(z, "warp", 2, torch.Generator(), fill)
 
 
 def test_unknown_augmentation_is_a_clear_error():

@@ -14,7 +14,7 @@ from dfkd.synthesis.zskd import class_similarity, sample_dirichlet
 from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
 
 TINY = {"batch_size": 20, "steps": 5, "center_steps": 10, "bootstrap_size": 64}
-PAPER = {"bn_weight": 0, "tv_weight": 0, "jitter": 0}  # the paper's synthesis loss alone
+PAPER = {"bn_weight": 0, "tv_weight": 0, "view": "none"}  # the paper's synthesis loss alone
 
 
 def _random(arch: str, shape=(1, 32, 32)) -> Classifier:
@@ -140,6 +140,10 @@ def test_mvn_option_errors():
     teacher = _random("lenet5")
     with pytest.raises(DfkdError, match="cov must be one of weights, bn, bootstrap"):
         create_synthesizer("mvn", teacher, {"cov": "magic"}, 0)
+    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+        create_synthesizer("mvn", teacher, {"view": "warp"}, 0)
+    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+        create_synthesizer("deepinv", teacher, {"view": "warp"}, 0)
     with pytest.raises(DfkdError, match="sigma and temperature must be positive"):
         create_synthesizer("mvn", teacher, {"sigma": "0"}, 0)
     plain = nn.Sequential(nn.Flatten(), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 10))

@@ -33,18 +33,21 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, shift: int, degrees: float = 15.0,
-                  scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
-    """Random rotation, scale and translation per sample (zero fill): the pen-stroke variation
-    of handwriting that shifted synthetic images lack. One affine_grid + grid_sample call."""
+                  scale: tuple[float, float] = (0.9, 1.1),
+                  fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Random rotation, scale and translation per sample, filled with `fill`: the pen-stroke
+    variation of handwriting that shifted synthetic images lack. One affine_grid + grid_sample
+    call, differentiable in x (inversion optimizes through it; see `inversion_view`)."""
     n, _, h, w = x.shape
-    u = torch.rand((4, n), generator=gen)
+    u = torch.rand((4, n), generator=gen, device=gen.device).to(x.device)
     angle = torch.deg2rad((2 * u[0] - 1) * degrees)
     s = scale[0] + (scale[1] - scale[0]) * u[1]
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     tx, ty = (2 * u[2] - 1) * 2 * shift / w, (2 * u[3] - 1) * 2 * shift / h  # grid units
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(x - fill, grid, padding_mode="zeros", align_corners=False)
+    return out + fill
 
 
 def mix_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -64,6 +67,26 @@ def random_roll(z: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Ten
         return z
     dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=gen, device=gen.device).tolist()
     return torch.roll(z, shifts=(dx, dy), dims=(2, 3))
+
+
+INVERSION_VIEWS = ("affine", "roll", "none")
+
+
+def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator,
+                   fill: torch.Tensor) -> torch.Tensor:
+    """What the teacher sees of inputs z at one step of pixel inversion. `roll`: the batch
+    rolled by one random offset (DeepInversion's jitter); `affine`: every sample rotated (up to
+    15 degrees), scaled (up to 10%) and shifted (up to `jitter` pixels) on its own, the border
+    filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine` makes inputs
+    whose class survives small pen-like deformations: smooth, centred strokes instead of
+    high-frequency patterns (BENCHMARKS.md, "Per-sample affine views in mvn")."""
+    if view == "affine":
+        return random_affine(z, gen, jitter, fill=fill)
+    if view == "roll":
+        return random_roll(z, jitter, gen)
+    if view == "none":
+        return z
+    raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, got '{view}'")
 
 
 def cut_mix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import jitter_pixels, random_roll
+from dfkd.augment import INVERSION_VIEWS, inversion_view, jitter_pixels
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import competition, total_variation
@@ -37,8 +37,10 @@ class DeepInversionOptions(Options):
     l2_weight: float = 0.0  # a_l2, squared-norm prior on the normalized image
     comp_weight: float = 0.0  # a_c, ADI competition term; 0 = plain DeepInversion
     comp_temperature: float = 3.0  # temperature of the JS divergence in the competition term
-    jitter: int = -1  # max random roll in pixels each step; -1: 1/16 of the side (2 for 32 px,
+    jitter: int = -1  # max random shift in pixels each step; -1: 1/16 of the side (2 for 32 px,
     # as the paper uses on CIFAR; 1 for 8 px)
+    view: str = "roll"  # the input's view each step: roll (the paper's jitter) | affine (each
+    # sample rotated, scaled and shifted on its own; mvn's default) | none
     flip: str = "auto"  # random horizontal flip each step: true | false | auto (on, except for
     # teachers of digits, mnist and svhn, whose classes are not mirror-symmetric)
 
@@ -65,6 +67,10 @@ class DeepInversionBase(Synthesizer):
         self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if options.bn_weight > 0 else []
         self.jitter = jitter_pixels(options.jitter, teacher.spec.shape[1])
         self.flip = flip_choice(options.flip, teacher.spec.dataset)
+        if options.view not in INVERSION_VIEWS:
+            raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, "
+                            f"got '{options.view}'")
+        self.black = teacher.normalize(torch.zeros(1, device=self.device))
 
     def synthesize(self, student, index):
         o = self.opts
@@ -101,7 +107,7 @@ class DeepInversionBase(Synthesizer):
             self.teacher_passes += o.batch_size
 
     def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        z = random_roll(z, self.jitter, gen)
+        z = inversion_view(z, self.opts.view, self.jitter, gen, self.black)
         if self.flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
             z = torch.flip(z, dims=(3,))
         return z

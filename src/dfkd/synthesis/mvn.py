@@ -29,8 +29,15 @@ minutes, one seed, against 94% with image priors), so by default the DeepInversi
 added: the BatchNorm-statistics term, a total-variation term and random jitter. The BN weight is
 1, not DeepInversion's 10: at 10 the prior drowns the soft-target term (the teacher's argmax
 on x agreed with the drawn class for 50% of the inputs, against 82% at 1), for no gain in the
-student. `bn_weight=0 tv_weight=0 jitter=0` is the paper's loss. A teacher without BatchNorm
+student. `bn_weight=0 tv_weight=0 view=none` is the paper's loss. A teacher without BatchNorm
 runs without the BN term (`bn_prior: false` in the report) instead of failing.
+
+A second departure, also by evidence (BENCHMARKS.md, "Per-sample affine views in mvn"): each
+step the teacher sees every sample rotated, scaled and shifted on its own (`view=affine`), not
+one roll of the whole batch. The inputs then keep their class under small pen-like deformations,
+which makes smooth, centred strokes instead of high-frequency patterns; and since they converge
+sooner, a round is 100 steps, not 200, for more samples per budget. `view=roll steps=200` is the
+previous default.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import jitter_pixels, random_roll
+from dfkd.augment import INVERSION_VIEWS, inversion_view, jitter_pixels
 from dfkd.errors import DfkdError
 from dfkd.feature_space import FeatureSpace
 from dfkd.hooks import bn_layers, bn_stats_hooks
@@ -72,9 +79,11 @@ class MVNOptions(Options):
     batch_size: int = 256  # samples per round, balanced over classes
     samples_per_class: int = 0  # transfer-set size per class, then synthesis stops (0: the set
     # grows for the whole budget)
-    steps: int = 200  # Adam steps per round
+    steps: int = 100  # Adam steps per round (100: more samples per budget, by evidence)
     lr: float = 0.1  # Adam learning rate on normalized pixels
-    jitter: int = -1  # random roll in pixels per step (-1: 1/16 of the side; 0: off)
+    view: str = "affine"  # what the teacher sees each step: affine (each sample rotated,
+    # scaled, shifted on its own) | roll (DeepInversion's jitter) | none; see the docstring
+    jitter: int = -1  # shift in pixels per step (-1: 1/16 of the side; 0: off)
     bootstrap_size: int = 512  # noise inputs for bootstrap statistics
 
 
@@ -117,6 +126,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
         _check_choice("cov", o.cov, ("weights", "bn", "bootstrap"))
         _check_choice("mean", o.mean, ("auto", "bn", "bootstrap", "zero"))
         _check_choice("nonneg", o.nonneg, ("auto", "relu", "none"))
+        _check_choice("view", o.view, INVERSION_VIEWS)
         if o.sigma <= 0 or o.temperature <= 0:
             raise DfkdError(f"sigma and temperature must be positive, got {o.sigma}, "
                             f"{o.temperature}")
@@ -125,6 +135,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
         use_bn = o.bn_weight > 0 and bool(bn_layers(teacher.net))
         self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if use_bn else []
         self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1])
+        self.black = teacher.normalize(torch.zeros(1, device=self.device))
         self._fit(torch.Generator(self.device).manual_seed(self.batch_seed(-1)))
 
     def _fit(self, gen: torch.Generator) -> None:
@@ -211,7 +222,8 @@ class MVN(CountsLabelMismatch, Synthesizer):
             if self.should_stop():
                 break
             opt.zero_grad(set_to_none=True)
-            self._loss(random_roll(z, self.jitter, gen), h, target).backward()
+            view = inversion_view(z, o.view, self.jitter, gen, self.black)
+            self._loss(view, h, target).backward()
             opt.step()
             self.clamp_to_image_(z)
             self.teacher_passes += o.batch_size
@@ -220,7 +232,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
                 "seeds": self.seeds(index, o.batch_size)}
 
     def _loss(self, x, h, target) -> torch.Tensor:
-        """The synthesis objective on a jittered batch x, for sampled features h and targets."""
+        """The synthesis objective on a view x of the batch, for sampled features h and targets."""
         o = self.opts
         logits = self.teacher.net(x)
         f = self.space.features()
