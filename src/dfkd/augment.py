@@ -77,9 +77,9 @@ def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator
     """What the teacher sees of inputs z at one step of pixel inversion. `roll`: the batch
     rolled by one random offset (DeepInversion's jitter); `affine`: every sample rotated (up to
     15 degrees), scaled (up to 10%) and shifted (up to `jitter` pixels) on its own, the border
-    filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine` makes inputs
-    whose class survives small pen-like deformations: smooth, centred strokes instead of
-    high-frequency patterns (BENCHMARKS.md, "Per-sample affine views in mvn")."""
+    filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine`
+    makes inputs whose class survives small pen-like deformations: smooth, centred strokes
+    instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views in mvn")."""
     if view == "affine":
         return random_affine(z, gen, jitter, fill=fill)
     if view == "roll":
