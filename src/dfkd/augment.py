@@ -79,7 +79,7 @@ def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator
     15 degrees), scaled (up to 10%) and shifted (up to `jitter` pixels) on its own, the border
     filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine`
     makes inputs whose class survives small pen-like deformations: smooth, centred strokes
-    instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views in mvn")."""
+    instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views")."""
     if view == "affine":
         return random_affine(z, gen, jitter, fill=fill)
     if view == "roll":

@@ -32,12 +32,10 @@ on x agreed with the drawn class for 50% of the inputs, against 82% at 1), for n
 student. `bn_weight=0 tv_weight=0 view=none` is the paper's loss. A teacher without BatchNorm
 runs without the BN term (`bn_prior: false` in the report) instead of failing.
 
-A second departure, also by evidence (BENCHMARKS.md, "Per-sample affine views in mvn"): each
-step the teacher sees every sample rotated, scaled and shifted on its own (`view=affine`), not
-one roll of the whole batch. The inputs then keep their class under small pen-like deformations,
-which makes smooth, centred strokes instead of high-frequency patterns; and since they converge
-sooner, a round is 100 steps, not 200, for more samples per budget. `view=roll steps=200` is the
-previous default.
+`view=affine` (each step the teacher sees every sample rotated, scaled and shifted on its own,
+not one roll of the whole batch) makes smooth, centred strokes instead of high-frequency
+patterns, but it did not make a better student on the 3-seed bench (BENCHMARKS.md, "Per-sample
+affine views"), so the default stays DeepInversion's roll.
 """
 
 from __future__ import annotations
@@ -79,10 +77,10 @@ class MVNOptions(Options):
     batch_size: int = 256  # samples per round, balanced over classes
     samples_per_class: int = 0  # transfer-set size per class, then synthesis stops (0: the set
     # grows for the whole budget)
-    steps: int = 100  # Adam steps per round (100: more samples per budget, by evidence)
+    steps: int = 200  # Adam steps per round
     lr: float = 0.1  # Adam learning rate on normalized pixels
-    view: str = "affine"  # what the teacher sees each step: affine (each sample rotated,
-    # scaled, shifted on its own) | roll (DeepInversion's jitter) | none; see the docstring
+    view: str = "roll"  # what the teacher sees each step: roll (DeepInversion's jitter) |
+    # affine (each sample rotated, scaled, shifted on its own) | none; see the docstring
     jitter: int = -1  # shift in pixels per step (-1: 1/16 of the side; 0: off)
     bootstrap_size: int = 512  # noise inputs for bootstrap statistics
 
