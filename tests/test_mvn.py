@@ -110,6 +110,23 @@ def test_mvn_round_is_valid_reproducible_and_reports_mismatch(cov):
     assert report["mean_source"] == "bn" and report["nonneg"] is True
 
 
+@pytest.mark.parametrize("method", ["mvn", "deepinv"])
+def test_inversion_views_give_valid_reproducible_rounds_that_differ(method):
+    """`view` changes what the teacher sees while the inputs are optimized, so the rounds
+    differ; each stays a valid, reproducible batch of images."""
+    teacher = _random("lenet5")
+    opts = {**TINY} if method == "mvn" else {"batch_size": 20, "steps": 5}
+    rounds = {}
+    for view in ("roll", "affine", "none"):
+        x = create_synthesizer(method, teacher, {**opts, "view": view}, 1).synthesize(None, 0)["x"]
+        again = create_synthesizer(method, teacher, {**opts, "view": view}, 1)
+        assert torch.equal(x, again.synthesize(None, 0)["x"])
+        assert x.shape == (20, 1, 32, 32) and 0 <= x.min() <= x.max() <= 1
+        rounds[view] = x
+    assert not torch.equal(rounds["roll"], rounds["affine"])
+    assert not torch.equal(rounds["affine"], rounds["none"])
+
+
 def test_mvn_samples_are_rectified_and_targets_follow_the_head(digits_teacher):
     teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
     synth = create_synthesizer("mvn", teacher, {**TINY, "center_steps": 100}, seed=0)

@@ -80,13 +80,16 @@ def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator
     filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine`
     makes inputs whose class survives small pen-like deformations: smooth, centred strokes
     instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views")."""
+    check_view(view)
     if view == "affine":
         return random_affine(z, gen, jitter, fill=fill)
-    if view == "roll":
-        return random_roll(z, jitter, gen)
-    if view == "none":
-        return z
-    raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, got '{view}'")
+    return random_roll(z, jitter, gen) if view == "roll" else z
+
+
+def check_view(view: str) -> None:
+    """The `view` option of the inversion methods, checked when the method is built."""
+    if view not in INVERSION_VIEWS:
+        raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, got '{view}'")
 
 
 def cut_mix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:

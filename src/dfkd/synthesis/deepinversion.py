@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import INVERSION_VIEWS, inversion_view, jitter_pixels
+from dfkd.augment import check_view, inversion_view, jitter_pixels
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import competition, total_variation
@@ -67,9 +67,7 @@ class DeepInversionBase(Synthesizer):
         self.bn_hooks = bn_stats_hooks(teacher.net, self.name) if options.bn_weight > 0 else []
         self.jitter = jitter_pixels(options.jitter, teacher.spec.shape[1])
         self.flip = flip_choice(options.flip, teacher.spec.dataset)
-        if options.view not in INVERSION_VIEWS:
-            raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, "
-                            f"got '{options.view}'")
+        check_view(options.view)
         self.black = teacher.normalize(torch.zeros(1, device=self.device))
 
     def synthesize(self, student, index):
