@@ -55,12 +55,15 @@ def test_train_distill_synthesize_evaluate(capsys, tmp_path, digits_teacher):
 
     ts = tmp_path / "set"
     out = _ok(capsys, "synthesize", "--teacher", str(digits_teacher), "--set", "steps=2",
-              "--set", "batch_size=10", "--num", "25", "--out", str(ts), "--no-progress")
+              "--set", "batch_size=10", "--num", "25", "--out", str(ts), "--channels-last",
+              "--no-progress")
     assert "30 samples" in out and (ts / "samples.png").exists()
+    assert json.loads((ts / "meta.json").read_text())["accel"] == "fp32+channels_last"
     out = _ok(capsys, "distill", "--teacher", str(digits_teacher), "--transfer-set", str(ts),
               "--student", "digits_cnn_quarter", "--budget", "5steps", "--out",
-              str(tmp_path / "s2"), "--no-progress")
-    assert json.loads((tmp_path / "s2" / "report.json").read_text())["method"] == "deepinv"
+              str(tmp_path / "s2"), "--precision", "bf16", "--no-progress")
+    report = json.loads((tmp_path / "s2" / "report.json").read_text())
+    assert report["method"] == "deepinv" and report["accel"] == "bf16"
 
 
 def test_distill_from_config_file_with_overrides(capsys, tmp_path, digits_teacher):

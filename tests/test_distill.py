@@ -255,6 +255,66 @@ def test_unknown_student_and_method(digits_teacher, tmp_path):
         distill(_cfg(digits_teacher, tmp_path / "b", method="magic"), progress=False)
 
 
+def _spy_accel(monkeypatch):
+    """Record, per synthesis call, whether bf16 autocast was on, and keep the prepared teacher."""
+    seen = {"autocast": [], "teacher": None}
+    cls = method_class("deepinv")
+    synthesize, prepare = cls.synthesize, engine.Accel.prepare
+
+    def spy_synthesize(self, student, index):
+        seen["autocast"].append(torch.is_autocast_enabled("cpu")
+                                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return synthesize(self, student, index)
+
+    def spy_prepare(self, classifier):
+        seen["teacher"] = prepare(self, classifier)
+        return seen["teacher"]
+
+    monkeypatch.setattr(cls, "synthesize", spy_synthesize)
+    monkeypatch.setattr(engine.Accel, "prepare", spy_prepare)
+    return seen
+
+
+def _wide_conv(classifier):
+    """A conv with several input channels: its weight's memory format is unambiguous."""
+    return next(m for m in classifier.net.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+
+
+def test_accelerator_settings_reach_the_teacher(digits_teacher, tmp_path, monkeypatch):
+    seen = _spy_accel(monkeypatch)
+    plain = distill(_cfg(digits_teacher, tmp_path / "fp32", budget="20steps"), progress=False)
+    assert plain["accel"] == "fp32" and seen["autocast"] == [False, False]
+    conv = _wide_conv(seen["teacher"])
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    seen["autocast"].clear()
+    report = distill(_cfg(digits_teacher, tmp_path / "bf16", budget="20steps", precision="bf16",
+                          channels_last=True), progress=False)
+    assert report["accel"] == "bf16+channels_last" and seen["autocast"] == [True, True]
+    conv = _wide_conv(seen["teacher"])
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(TransferSet.open(tmp_path / "bf16" / "transfer_set").tensors()["x"]).all()
+    assert report["steps"] == 20 and report["student_acc"] > 0.1
+    # the evaluation runs the teacher as given: the same teacher accuracy under any setting
+    assert report["teacher_acc"] == plain["teacher_acc"]
+
+
+def test_synthesize_records_its_accelerator_setting(digits_teacher, tmp_path):
+    meta = synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)),
+                                           method="mvn", num=16, out=str(tmp_path / "set"),
+                                           device="cpu", channels_last=True,
+                                           method_options={"batch_size": 16, "steps": 2}),
+                          progress=False)
+    assert meta["accel"] == "fp32+channels_last" and meta["samples"] == 16
+
+
+def test_an_unknown_precision_fails_before_any_work(digits_teacher, tmp_path):
+    with pytest.raises(DfkdError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        distill(_cfg(digits_teacher, tmp_path / "r", precision="fp16"), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_zoo_teacher_gets_its_usual_student(digits_teacher, tmp_path):
     report = distill(_cfg(digits_teacher, tmp_path / "r", student="", budget="2steps"),
                      progress=False)

@@ -12,6 +12,7 @@ from dfkd import __version__
 from dfkd.errors import DfkdError
 
 S = argparse.SUPPRESS  # options left out keep the config's (or --config file's) value
+ACCEL_FLAGS = ("precision", "channels_last", "compile")  # how the teacher runs (dfkd.accel)
 
 
 def _floats(text: str) -> list[float]:
@@ -57,6 +58,15 @@ def _teacher_args(args, flag: str):
                        input_shape=getattr(args, "input_shape", None),
                        mean=getattr(args, "mean", None), std=getattr(args, "std", None),
                        num_classes=getattr(args, "num_classes", None))
+
+
+def _accel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=S,
+                   help="bf16: synthesis and the teacher's relabelling under autocast (GPU)")
+    p.add_argument("--channels-last", action="store_true", default=S,
+                   help="run the teacher in channels_last memory format (GPU)")
+    p.add_argument("--compile", action="store_true", default=S,
+                   help="run the teacher through torch.compile")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -138,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-round", type=int, default=S,
                    help="student steps between synthesis rounds (transfer-set methods)")
     p.add_argument("--eval-points", type=int, default=S)
+    _accel(p)
     _common(p)
 
     p = sub.add_parser("synthesize", help="write a transfer set for later distillation")
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE")
     p.add_argument("--num", type=int, default=S, help="number of samples (default 10000)")
     p.add_argument("--out", default=S)
+    _accel(p)
     _common(p)
 
     p = sub.add_parser("bench", help="every method side by side on one suite, with anchors")
@@ -310,7 +322,8 @@ def run(argv: list[str]) -> int:
                               "transfer_set", "temperature", "loss", "update", "batch_size",
                               "optimizer",
                               "lr", "augment",
-                              "steps_per_round", "eval_points", "seed", "device"))
+                              "steps_per_round", "eval_points", "seed", "device",
+                              *ACCEL_FLAGS))
         cfg = _config(DistillConfig, args, _with_teacher(args, flags))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
@@ -318,7 +331,7 @@ def run(argv: list[str]) -> int:
     elif args.command == "synthesize":
         from dfkd.synthesize import SynthesizeConfig, synthesize_set
 
-        flags = _flags(args, ("method", "num", "out", "seed", "device"))
+        flags = _flags(args, ("method", "num", "out", "seed", "device", *ACCEL_FLAGS))
         cfg = _config(SynthesizeConfig, args, _with_teacher(args, flags))
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "

@@ -101,6 +101,11 @@ class DistillConfig:
     # cheaper than a new sample)
     steps_per_round: int = 200  # student steps between synthesis rounds (transfer-set methods)
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
+    # how the teacher runs (dfkd.accel): bf16 autocast, channels_last, torch.compile. They speed
+    # up a GPU; on the 2-core CPU here none pays for LeNet-5 (README, "Devices")
+    precision: str = "fp32"  # fp32 | bf16 (autocast of synthesis and the teacher's relabelling)
+    channels_last: bool = False
+    compile: bool = False
 
 
 def to_dict(cfg) -> dict:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import augment
+from dfkd.accel import Accel
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
 from dfkd.errors import DfkdError
@@ -110,6 +111,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     out = Path(cfg.out)
     budget = Budget.parse(cfg.budget)
     augment.check(cfg.augment)
+    accel = Accel(cfg.precision, cfg.channels_last, cfg.compile)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     eval_name = resolve_eval_dataset(cfg, teacher)
@@ -134,6 +136,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
     update = create_update(cfg.update, cfg.update_options, family, crit.name)
+    # after the method and the loss have found their layers by plain module paths (a compiled
+    # net's paths gain a prefix); evaluation above ran the teacher as it was given
+    accel.prepare(teacher)
     prepare_run_dir(out, cfg, resume, command)
 
     # the loss's own parameters (CRD's embedding heads) train with the student
@@ -208,7 +213,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         t0 = round_start[0] = time.perf_counter()
         if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"] \
                 and not (limit is not None and len(tset) >= limit):
-            batch = synth.synthesize(student, state["rounds"])
+            with accel.autocast(device):
+                batch = synth.synthesize(student, state["rounds"])
             if budget.done(state["step"], elapsed() + time.perf_counter() - t0):
                 state["synthesis_seconds"] += time.perf_counter() - t0
                 break  # out of time mid-round: the student stops where it stands
@@ -221,7 +227,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             bar.update(done_so_far() - before)
             continue
         if family == "online":
-            batch = synth.synthesize(student, state["step"])
+            with accel.autocast(device):
+                batch = synth.synthesize(student, state["step"])
             t1 = time.perf_counter()
             state["synthesis_seconds"] += t1 - t0
             if budget.done(state["step"], elapsed()):
@@ -238,7 +245,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         if relabel or (crit.needs_teacher and teacher_logits is not None and not update):
             # the teacher on exactly the student's batch: new targets after augmentation, and
             # the features that at, fa and crd compare (LRA taps them on each of its batches)
-            with torch.no_grad(), crit.capture("teacher"):
+            with torch.no_grad(), crit.capture("teacher"), accel.autocast(device):
                 teacher_logits = teacher(x).float()
             state["relabel_passes"] += x.shape[0]
         cosine_lr(optimizer, base_lr, budget.progress(state["step"], elapsed()))
@@ -282,6 +289,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
                           state, passes(), tset, synth, device, crit, update, base_lr)
+    report["accel"] = accel.label
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None

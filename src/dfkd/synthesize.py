@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dfkd.accel import Accel
 from dfkd.config import TeacherArgs
 from dfkd.distill import pick_device, prepare_run_dir
 from dfkd.errors import DfkdError
@@ -29,6 +30,9 @@ class SynthesizeConfig:
     out: str = "runs/set"
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # how the teacher runs, as in DistillConfig (dfkd.accel)
+    channels_last: bool = False
+    compile: bool = False
 
 
 def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: bool = True,
@@ -36,7 +40,9 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     out = Path(cfg.out)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
+    accel = Accel(cfg.precision, cfg.channels_last, cfg.compile)
     synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
+    accel.prepare(teacher)  # after the method has found its layers by their plain module paths
     if synth.family != "transfer_set":
         raise DfkdError(f"method '{cfg.method}' is an online (generator) method and keeps no "
                         "transfer set; use `dfkd distill` with it")
@@ -48,12 +54,14 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
                disable=not progress)
     while len(tset) < cfg.num:
         t0 = time.perf_counter()
-        batch = synth.synthesize(None, len(tset.parts))
+        with accel.autocast(device):
+            batch = synth.synthesize(None, len(tset.parts))
         tset.append(batch)
         seconds += time.perf_counter() - t0
         meta = {"method": cfg.method, "teacher": str(cfg.teacher.path), "seed": cfg.seed,
                 "spec": teacher.spec.to_json(), "samples": len(tset), "parts": len(tset.parts),
                 "teacher_passes": synth.teacher_passes, "seconds": round(seconds, 3),
+                "accel": accel.label,
                 "method_options": dict(vars(synth.opts))}
         tset.write_meta(meta)
         bar.update(batch["x"].shape[0])
