@@ -27,6 +27,11 @@ class Accel:
     channels_last: bool = False
     compile: bool = False
 
+    @classmethod
+    def of(cls, cfg) -> Accel:
+        """The settings a run's config names (its precision, channels_last and compile)."""
+        return cls(cfg.precision, cfg.channels_last, cfg.compile)
+
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise DfkdError(f"precision must be one of {', '.join(PRECISIONS)}, "

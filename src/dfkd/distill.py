@@ -111,7 +111,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     out = Path(cfg.out)
     budget = Budget.parse(cfg.budget)
     augment.check(cfg.augment)
-    accel = Accel(cfg.precision, cfg.channels_last, cfg.compile)
+    accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     eval_name = resolve_eval_dataset(cfg, teacher)
@@ -289,7 +289,6 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
                           state, passes(), tset, synth, device, crit, update, base_lr)
-    report["accel"] = accel.label
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -332,7 +331,8 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "optimizer": cfg.optimizer, "lr": lr,
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
-        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
+        "python": platform.python_version(),
         "method_options": dict(vars(synth.opts)) if synth else {},
         "per_class_acc": final.get("per_class_acc"), **crit.report(),
     }

@@ -40,7 +40,7 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     out = Path(cfg.out)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
-    accel = Accel(cfg.precision, cfg.channels_last, cfg.compile)
+    accel = Accel.of(cfg)
     synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
     accel.prepare(teacher)  # after the method has found its layers by their plain module paths
     if synth.family != "transfer_set":
