@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dfkd.config import PRECISIONS
 from dfkd.errors import DfkdError
 from dfkd.teacher import Classifier
-
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,9 @@ def _teacher_args(args, flag: str):
 
 
 def _accel(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=S,
+    from dfkd.config import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=S,
                    help="bf16: synthesis and the teacher's relabelling under autocast (GPU)")
     p.add_argument("--channels-last", action="store_true", default=S,
                    help="run the teacher in channels_last memory format (GPU)")

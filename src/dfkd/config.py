@@ -17,6 +17,9 @@ from dfkd.io import write_text
 _BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
 AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
 
+# how a teacher may run (dfkd.accel.Accel), here for the same reason as AUGMENTATIONS
+PRECISIONS = ("fp32", "bf16")
+
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 

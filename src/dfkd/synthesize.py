@@ -38,9 +38,9 @@ class SynthesizeConfig:
 def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: bool = True,
                    command: str = "") -> dict:
     out = Path(cfg.out)
+    accel = Accel.of(cfg)  # a bad setting fails before the teacher is loaded
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
-    accel = Accel.of(cfg)
     synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
     accel.prepare(teacher)  # after the method has found its layers by their plain module paths
     if synth.family != "transfer_set":
