@@ -97,6 +97,16 @@ def test_changed_settings_are_refused(finished):
     cfg, _ = finished
     with pytest.raises(DfkdError, match="different budget"):
         run_bench(bench.dataclasses.replace(cfg, budget="30steps"), progress=False)
+    with pytest.raises(DfkdError, match="different student_init"):
+        run_bench(bench.dataclasses.replace(cfg, student_init="teacher"), progress=False)
+
+
+def test_student_init_reaches_every_student_but_scratch_real(tmp_path):
+    records = run_bench(_cfg(tmp_path, methods="noise", budget="2steps",
+                             student_init="teacher"), progress=False)
+    assert {r["method"]: r["student_init"] for r in records} == {
+        "kd_real": "teacher", "scratch_real": "random", "noise": "teacher"}
+    assert "starts from the teacher's weights" in (tmp_path / "b" / "results.md").read_text()
 
 
 def test_a_failing_method_is_recorded_and_the_rest_run(tmp_path):

@@ -61,9 +61,11 @@ def test_train_distill_synthesize_evaluate(capsys, tmp_path, digits_teacher):
     assert json.loads((ts / "meta.json").read_text())["accel"] == "fp32+channels_last"
     out = _ok(capsys, "distill", "--teacher", str(digits_teacher), "--transfer-set", str(ts),
               "--student", "digits_cnn_quarter", "--budget", "5steps", "--out",
-              str(tmp_path / "s2"), "--precision", "bf16", "--no-progress")
+              str(tmp_path / "s2"), "--precision", "bf16", "--student-init", "teacher",
+              "--no-progress")
     report = json.loads((tmp_path / "s2" / "report.json").read_text())
     assert report["method"] == "deepinv" and report["accel"] == "bf16"
+    assert report["student_init"] == "teacher"
 
 
 def test_distill_from_config_file_with_overrides(capsys, tmp_path, digits_teacher):

@@ -68,11 +68,12 @@ class BenchConfig:
     method_options: dict = field(default_factory=dict)  # "method.option" -> value
     loss: str = ""  # student loss of the data-free methods ("" = each method's own); the anchors
     # keep theirs, so the ceiling stays the same
+    student_init: str = "random"  # where every student starts, kd_real's too (random | teacher)
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss")
+          "method_options", "loss", "student_init")
 
 
 def split_variant(entry: str) -> tuple[str, dict]:
@@ -188,7 +189,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              update=update,
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
-                             student=suite.student, out=str(run_dir), budget=cfg.budget,
+                             student=suite.student, student_init=cfg.student_init,
+                             out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)
         if progress:
@@ -290,7 +292,9 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
     lines = [f"# dfkd bench: {cfg.suite}", "",
              f"{suite.teacher} -> {suite.student} on {suite.dataset}; budget {cfg.budget} per "
              f"method and seed (synthesis + training, evaluation excluded); seeds "
-             f"{', '.join(map(str, seeds))}; the same teacher per seed for every method.", "",
+             f"{', '.join(map(str, seeds))}; the same teacher per seed for every method."
+             + (" Every student but scratch_real's starts from the teacher's weights "
+                "(--student-init teacher)." if cfg.student_init == "teacher" else ""), "",
              f"Machine: {machine_line(machine)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]

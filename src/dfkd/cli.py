@@ -80,7 +80,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfkd.config import AUGMENTATIONS
+    from dfkd.config import AUGMENTATIONS, STUDENT_INITS
     from dfkd.data import DATASETS
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="a method option, e.g. --set steps=500 (repeatable)")
     p.add_argument("--student", default=S, help="zoo name or package.module:factory (default: "
                    "the usual student of a zoo teacher, e.g. lenet5 -> lenet5_half)")
+    p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
+                   help="random (default), or teacher: start from the leading slices of the "
+                   "teacher's weights (a student that is a slimmer or shallower copy of it)")
     p.add_argument("--out", default=S)
     p.add_argument("--budget", default=S, help="wall clock (90s, 10m, 1h) or steps (2000steps)")
     p.add_argument("--eval-dataset", default=S, help="report-only evaluation data; 'none' for "
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
                    help="the student's loss for every data-free method (default: each method's "
                    "own); the anchors keep theirs")
+    p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
+                   help="where every student starts, the kd_real anchor's too: random (default) "
+                   "or teacher (scratch_real always starts random)")
     p.add_argument("--eval-points", type=int, default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
@@ -320,7 +326,8 @@ def run(argv: list[str]) -> int:
         from dfkd.config import DistillConfig
         from dfkd.distill import distill
 
-        flags = _flags(args, ("method", "student", "out", "budget", "eval_dataset", "data_root",
+        flags = _flags(args, ("method", "student", "student_init", "out", "budget",
+                              "eval_dataset", "data_root",
                               "transfer_set", "temperature", "loss", "update", "batch_size",
                               "optimizer",
                               "lr", "augment",
@@ -391,7 +398,8 @@ def _bench(args, progress: bool, command: str) -> None:
     from dfkd.bench import BenchConfig, run_bench
 
     flags = _flags(args, ("suite", "methods", "budget", "seeds", "out", "data_root",
-                          "teacher_epochs", "teacher_cache", "eval_points", "device", "loss"))
+                          "teacher_epochs", "teacher_cache", "eval_points", "device", "loss",
+                          "student_init"))
     if hasattr(args, "method_options"):
         bad = [k for k, _ in args.method_options if "." not in k]
         if bad:

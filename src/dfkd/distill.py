@@ -30,6 +30,7 @@ from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
 from dfkd.models import default_student
 from dfkd.report import save_curves, save_samples, write_report
+from dfkd.student_init import init_student
 from dfkd.student_losses import StudentLoss, create_student_loss
 from dfkd.student_update import create_update
 from dfkd.synthesis import create_synthesizer
@@ -132,6 +133,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         tset = TransferSet(out / "transfer_set") if family == "transfer_set" else None
+    init_student(student.net, teacher.net, student_start(cfg, synth))
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
@@ -312,6 +314,11 @@ def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
     return crit(logits, teacher_logits, batch, set_size=set_size, gen=gen)
 
 
+def student_start(cfg: DistillConfig, synth) -> str:
+    """Where the student's weights start: --student-init, except for the no-teacher anchor."""
+    return cfg.student_init if synth is None or synth.student_sees_teacher else "random"
+
+
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -328,7 +335,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "student": student.arch, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
         "student_params": _params(student.net), "teacher_params": _params(teacher.net),
         "steps": state["step"], "synthesis_rounds": state["rounds"],
-        "optimizer": cfg.optimizer, "lr": lr,
+        "optimizer": cfg.optimizer, "lr": lr, "student_init": student_start(cfg, synth),
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,

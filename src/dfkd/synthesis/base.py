@@ -35,6 +35,8 @@ class Synthesizer:
     temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
     student_loss: ClassVar[str] = "kd"  # the student's loss by default (e.g. l1 for DFAD)
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
+    student_sees_teacher: ClassVar[bool] = True  # False: the student may not start from the
+    # teacher's weights either (scratch_real, the no-teacher anchor, ignores --student-init)
 
     def __init__(self, teacher: Classifier, options, seed: int):
         self.teacher, self.opts, self.seed = teacher, options, seed

@@ -98,6 +98,7 @@ class ScratchReal(RealData):
 
     name = "scratch_real"
     student_loss = "ce"  # true labels, no teacher
+    student_sees_teacher = False  # starts random under --student-init teacher too
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
