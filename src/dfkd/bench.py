@@ -27,6 +27,7 @@ from dfkd.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
+from dfkd.student_init import check_student_init
 from dfkd.student_update import online_methods
 from dfkd.synthesis import list_methods, method_class
 from dfkd.train import TeacherConfig, train_teacher
@@ -164,6 +165,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
     suite = SUITES[cfg.suite]
     cfg = dataclasses.replace(cfg, budget=cfg.budget or suite.budget)
     Budget.parse(cfg.budget)
+    check_student_init(cfg.student_init)  # before any run, not once per failed method
     if suite.needs_data_root and not cfg.data_root:
         raise DfkdError(f"suite '{cfg.suite}' needs --data-root with the {suite.dataset} files "
                         "(its anchors and evaluation use the real data)")
