@@ -107,7 +107,7 @@ def test_student_init_reaches_every_student_but_scratch_real(tmp_path):
     assert {r["method"]: r["student_init"] for r in records} == {
         "kd_real": "teacher", "scratch_real": "random", "noise": "teacher"}
     assert "starts from the teacher's weights" in (tmp_path / "b" / "results.md").read_text()
-    with pytest.raises(DfkdError, match="student_init must be one of random, teacher"):
+    with pytest.raises(DfkdError, match="student_init must be one of auto, random, teacher"):
         run_bench(_cfg(tmp_path / "bad", student_init="pruned"), progress=False)
     assert not (tmp_path / "bad" / "b").exists()
 

@@ -1,4 +1,4 @@
-"""--student-init teacher: the student starts from leading slices of the teacher's tensors."""
+"""--student-init teacher | auto: the student starts from slices of the teacher's tensors."""
 
 from __future__ import annotations
 
@@ -83,8 +83,18 @@ def test_a_student_that_is_no_slimmer_copy_is_a_one_line_error(teacher_arch, stu
     with pytest.raises(DfkdError, match="slimmer copy") as err:
         init_student(student, teacher, "teacher")
     assert named in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(DfkdError, match="student_init must be one of random, teacher"):
+    with pytest.raises(DfkdError, match="student_init must be one of auto, random, teacher"):
         init_student(student, teacher, "pruned")
+
+
+def test_auto_inherits_where_the_student_fits_and_starts_random_where_not():
+    teacher, student = _pair("lenet5", "lenet5_half")
+    assert init_student(student, teacher, "auto") == "teacher"
+    assert torch.equal(student.state_dict()["fc.bias"], teacher.state_dict()["fc.bias"])
+    teacher, student = _pair("lenet5", "digits_cnn_quarter")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert init_student(student, teacher, "auto") == "random"
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
 def _run(teacher, out, method, **kw):
@@ -108,7 +118,7 @@ def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
     no-teacher anchor, starts random."""
     teacher = load_file(str(digits_teacher / "teacher.safetensors"))
     inherited = _run(digits_teacher, tmp_path / "t", "deepinv", student_init="teacher", lr=1e-9)
-    fresh = _run(digits_teacher, tmp_path / "r", "deepinv", lr=1e-9)
+    fresh = _run(digits_teacher, tmp_path / "r", "deepinv", student_init="random", lr=1e-9)
     assert inherited["student_init"] == "teacher" and fresh["student_init"] == "random"
     for run, close in ((tmp_path / "t", True), (tmp_path / "r", False)):
         for name, value in _weights(run).items():
@@ -116,3 +126,7 @@ def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
             assert torch.allclose(value, cut, atol=1e-6) == close, (run.name, name)
     scratch = _run(digits_teacher, tmp_path / "s", "scratch_real", student_init="teacher")
     assert scratch["student_init"] == "random"
+    auto = _run(digits_teacher, tmp_path / "a", "deepinv", lr=1e-9)  # auto, the default
+    assert auto["student_init"] == "teacher"
+    inherited_weights = _weights(tmp_path / "t")
+    assert all(torch.equal(v, inherited_weights[k]) for k, v in _weights(tmp_path / "a").items())

@@ -69,7 +69,8 @@ class BenchConfig:
     method_options: dict = field(default_factory=dict)  # "method.option" -> value
     loss: str = ""  # student loss of the data-free methods ("" = each method's own); the anchors
     # keep theirs, so the ceiling stays the same
-    student_init: str = "random"  # where every student starts, kd_real's too (random | teacher)
+    student_init: str = "auto"  # where every student starts, kd_real's too (auto | random |
+    # teacher)
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
@@ -295,8 +296,9 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
              f"{suite.teacher} -> {suite.student} on {suite.dataset}; budget {cfg.budget} per "
              f"method and seed (synthesis + training, evaluation excluded); seeds "
              f"{', '.join(map(str, seeds))}; the same teacher per seed for every method."
-             + (" Every student but scratch_real's starts from the teacher's weights "
-                "(--student-init teacher)." if cfg.student_init == "teacher" else ""), "",
+             + (" Every student but scratch_real's starts from the teacher's weights where it "
+                f"is a slimmer copy (--student-init {cfg.student_init})."
+                if cfg.student_init != "random" else ""), "",
              f"Machine: {machine_line(machine)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]

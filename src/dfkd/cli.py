@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=S, help="zoo name or package.module:factory (default: "
                    "the usual student of a zoo teacher, e.g. lenet5 -> lenet5_half)")
     p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
-                   help="random (default), or teacher: start from the leading slices of the "
-                   "teacher's weights (a student that is a slimmer or shallower copy of it)")
+                   help="teacher: start from the leading slices of the teacher's weights (a "
+                   "student that is a slimmer or shallower copy of it), random: the "
+                   "architecture's own initialization, or auto (default): teacher where the "
+                   "student is such a copy, else random")
     p.add_argument("--out", default=S)
     p.add_argument("--budget", default=S, help="wall clock (90s, 10m, 1h) or steps (2000steps)")
     p.add_argument("--eval-dataset", default=S, help="report-only evaluation data; 'none' for "
@@ -186,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the student's loss for every data-free method (default: each method's "
                    "own); the anchors keep theirs")
     p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
-                   help="where every student starts, the kd_real anchor's too: random (default) "
-                   "or teacher (scratch_real always starts random)")
+                   help="where every student starts, the kd_real anchor's too: auto (default), "
+                   "teacher or random (scratch_real always starts random)")
     p.add_argument("--eval-points", type=int, default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")

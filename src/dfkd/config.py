@@ -21,7 +21,7 @@ AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS
 PRECISIONS = ("fp32", "bf16")
 
 # where the student's weights start (dfkd.student_init), here for the same reason
-STUDENT_INITS = ("random", "teacher")
+STUDENT_INITS = ("auto", "random", "teacher")
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
@@ -84,8 +84,9 @@ class DistillConfig:
     method_options: dict = field(default_factory=dict)
     student: str = ""  # zoo name or package.module:factory; "" = the usual student of a zoo
     # teacher (lenet5 -> lenet5_half, digits_cnn -> digits_cnn_quarter, resnet34 -> resnet18, ...)
-    student_init: str = "random"  # random | teacher (leading slices of the teacher's tensors,
-    # for a student that is a slimmer or shallower copy of it; dfkd/student_init.py)
+    student_init: str = "auto"  # teacher (leading slices of the teacher's tensors, for a student
+    # that is a slimmer or shallower copy of it; dfkd/student_init.py) | random | auto (teacher
+    # where the student is such a copy, else random)
     out: str = "runs/distill"
     budget: str = "5m"
     seed: int = 0

@@ -133,7 +133,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         tset = TransferSet(out / "transfer_set") if family == "transfer_set" else None
-    init_student(student.net, teacher.net, student_start(cfg, synth))
+    start = init_student(student.net, teacher.net, student_start(cfg, synth))
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
@@ -290,7 +290,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), tset, synth, device, crit, update, base_lr)
+                          state, passes(), tset, synth, device, crit, update, base_lr, start)
     write_report(report, out)
     if last_x is not None:
         targets = tset.parts[-1]["targets"] if family == "transfer_set" and tset.parts else None
@@ -315,7 +315,8 @@ def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
 
 
 def student_start(cfg: DistillConfig, synth) -> str:
-    """Where the student's weights start: --student-init, except for the no-teacher anchor."""
+    """Where the student's weights are asked to start: --student-init, except for the
+    no-teacher anchor, which always starts random."""
     return cfg.student_init if synth is None or synth.student_sees_teacher else "random"
 
 
@@ -324,7 +325,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final, state,
-                 teacher_passes, tset, synth, device, crit, update, lr) -> dict:
+                 teacher_passes, tset, synth, device, crit, update, lr, start) -> dict:
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -335,7 +336,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "student": student.arch, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
         "student_params": _params(student.net), "teacher_params": _params(teacher.net),
         "steps": state["step"], "synthesis_rounds": state["rounds"],
-        "optimizer": cfg.optimizer, "lr": lr, "student_init": student_start(cfg, synth),
+        "optimizer": cfg.optimizer, "lr": lr, "student_init": start,
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
