@@ -44,24 +44,18 @@ def check_student_init(how: str) -> None:
         raise DfkdError(f"student_init must be one of {', '.join(STUDENT_INITS)}, got '{how}'")
 
 
-def resolve_student_init(how: str, student: nn.Module, teacher: nn.Module) -> str:
-    """`auto` is `teacher` where the student is a slimmer copy of the teacher, else `random`."""
-    check_student_init(how)
-    if how == "auto":
-        return "random" if misfits(student, teacher) else "teacher"
-    return how
-
-
 @torch.no_grad()
 def init_student(student: nn.Module, teacher: nn.Module, how: str) -> str:
     """`random`: leave the architecture's own initialization. `teacher`: copy into every student
     tensor the leading slice of the teacher tensor of the same name; a student that is not a
     slimmer copy of the teacher is a one-line error naming the tensors that do not fit. `auto`:
     `teacher` where it fits, else `random`. Returns the start taken."""
-    how = resolve_student_init(how, student, teacher)
+    check_student_init(how)
     if how == "random":
         return how
     bad = misfits(student, teacher)
+    if bad and how == "auto":
+        return "random"
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise DfkdError("--student-init teacher needs a student that is a slimmer copy of the "
@@ -70,4 +64,4 @@ def init_student(student: nn.Module, teacher: nn.Module, how: str) -> str:
     theirs = teacher.state_dict()
     for name, value in student.state_dict().items():
         value.copy_(theirs[name][tuple(slice(0, n) for n in value.shape)])
-    return how
+    return "teacher"
