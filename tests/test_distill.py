@@ -322,3 +322,11 @@ def test_a_zoo_teacher_gets_its_usual_student(digits_teacher, tmp_path):
     with pytest.raises(DfkdError, match="no default student for a 'mine' teacher; choose one "
                                         "with --student"):
         default_student("mine")
+
+
+@pytest.mark.parametrize("where", ["training", "after_part_written"])
+def test_killed_run_resumes_exactly_on_a_plan(digits_teacher, tmp_path, monkeypatch, where):
+    """The planned schedule (counted in FLOPs under a step budget, kept in the checkpoint)
+    resumes exactly; the plan here puts a round every few student steps."""
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method="deepinv",
+                            method_options={"batch_size": 8, "steps": 4}, steps_per_round=None)

@@ -13,6 +13,8 @@ CLASSIFIERS = [
     "digits_cnn", "digits_cnn_quarter", "lenet5", "lenet5_half",
     "resnet8", "resnet18", "resnet20", "resnet32", "resnet34", "resnet56",
     "vgg8", "vgg11", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+    "resnet8a", "resnet14a", "resnet20a", "resnet32a", "resnet44a", "resnet56a", "resnet110a",
+    "mlp", "mlp_half",
 ]  # fmt: skip
 GENERATORS = {"generator_8": (1, 8), "generator_28": (1, 28), "generator_32": (3, 32)}
 
@@ -32,7 +34,8 @@ def test_registry_holds_exactly_the_zoo() -> None:
 def test_classifier_contract(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name)
-    assert isinstance(model.fc, nn.Linear)
+    head = getattr(model, "linear", None) or model.fc  # the published option-A ResNets: linear
+    assert isinstance(head, nn.Linear) and head is list(model.modules())[-1]
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     x = torch.randn(2, *model_input_shape(name))
     for train in (True, False):

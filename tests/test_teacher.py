@@ -93,14 +93,14 @@ def test_user_factory_by_module_path(tmp_path, monkeypatch):
         "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),\n"
         "                         nn.Linear(8, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    net = build_net("my_models:mlp", 3, 1)
+    net = build_net("my_models:mlp", 3, (1, 4, 4))
     assert net(torch.randn(2, 1, 4, 4)).shape == (2, 3)
     spec = InputSpec((1, 4, 4), (0.5,), (0.5,), 3)
     model = Classifier(net, spec, "my_models:mlp")
     save_classifier(model, tmp_path / "mlp.safetensors")
     assert load_classifier(tmp_path / "mlp.safetensors").arch == "my_models:mlp"
     with pytest.raises(DfkdError, match="cannot load architecture 'my_models:nope'"):
-        build_net("my_models:nope", 3, 1)
+        build_net("my_models:nope", 3, (1, 4, 4))
     sys.modules.pop("my_models", None)
 
 

@@ -29,29 +29,13 @@ from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
 from dfkd.student_init import check_student_init
 from dfkd.student_update import online_methods
+from dfkd.suites import SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.synthesis import list_methods, method_class
 from dfkd.train import TeacherConfig, train_teacher
 
 ANCHORS = ("kd_real", "scratch_real")
 DEFAULT_METHOD = DistillConfig.method
 LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the paper's base
-
-
-@dataclass(frozen=True)
-class Suite:
-    dataset: str
-    teacher: str
-    student: str
-    budget: str  # the protocol's budget when --budget is not given
-    needs_data_root: bool = True
-
-
-SUITES = {
-    "digits": Suite("digits", "digits_cnn", "digits_cnn_quarter", "60s", needs_data_root=False),
-    "mnist": Suite("mnist", "lenet5", "lenet5_half", "5m"),
-    "cifar10": Suite("cifar10", "resnet34", "resnet18", "1h"),
-    "cifar100": Suite("cifar100", "resnet34", "resnet18", "1h"),
-}
 
 
 @dataclass
@@ -64,6 +48,8 @@ class BenchConfig:
     data_root: str | None = None
     teacher_epochs: int | None = None  # None: train-teacher's per-dataset default
     teacher_cache: str | None = None  # None: $DFKD_CACHE/teachers or ~/.cache/dfkd/teachers
+    models_root: str | None = None  # published teachers; None: $DFKD_MODELS or
+    # ~/.cache/dfkd/models
     device: str = "auto"
     eval_points: int = 10
     method_options: dict = field(default_factory=dict)  # "method.option" -> value
@@ -71,11 +57,12 @@ class BenchConfig:
     # keep theirs, so the ceiling stays the same
     student_init: str = "auto"  # where every student starts, kd_real's too (auto | random |
     # teacher)
+    schedule: str = "planned"  # transfer-set rounds: planned by cost | fixed (dfkd.plan)
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss", "student_init")
+          "method_options", "loss", "student_init", "schedule")
 
 
 def split_variant(entry: str) -> tuple[str, dict]:
@@ -145,9 +132,13 @@ def teacher_cache_root(cfg: BenchConfig) -> Path:
     return Path(base) / "teachers"
 
 
-def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> Path:
-    """Train the suite's teacher for `seed`, or reuse the cached one trained with the same
-    settings (the cache key hashes the full teacher configuration)."""
+def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> TeacherArgs:
+    """The suite's published teacher file, or the teacher trained for `seed` (reused from the
+    cache when trained with the same settings: the key hashes the full teacher configuration)."""
+    if suite.published:
+        pub = suite.published
+        return TeacherArgs(path=str(published_file(cfg.suite, suite, cfg.models_root)),
+                           arch=pub.arch, mean=list(pub.mean), std=list(pub.std))
     tcfg = TeacherConfig(dataset=suite.dataset, model=suite.teacher, data_root=cfg.data_root,
                          epochs=cfg.teacher_epochs, seed=seed, device=cfg.device)
     key = {k: v for k, v in to_dict(tcfg).items() if k not in ("out", "device")}
@@ -155,14 +146,13 @@ def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> 
     out = teacher_cache_root(cfg) / f"{cfg.suite}-{suite.teacher}-seed{seed}-{digest}"
     if not (out / "teacher.safetensors").exists() or not (out / "report.json").exists():
         train_teacher(dataclasses.replace(tcfg, out=str(out)), resume=True, progress=progress)
-    return out
+    return TeacherArgs(path=str(out))
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> list[dict]:
     """Run (or complete) a benchmark; returns the records of results.json."""
     if cfg.suite not in SUITES:
-        raise DfkdError(f"unknown suite '{cfg.suite}'; choose one of: "
-                        f"{', '.join([*SUITES, 'throughput'])}")
+        raise DfkdError(f"unknown suite '{cfg.suite}'; choose one of: {', '.join(SUITE_NAMES)}")
     suite = SUITES[cfg.suite]
     cfg = dataclasses.replace(cfg, budget=cfg.budget or suite.budget)
     Budget.parse(cfg.budget)
@@ -172,6 +162,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                         "(its anchors and evaluation use the real data)")
     if cfg.seeds < 1:
         raise DfkdError(f"--seeds must be at least 1, got {cfg.seeds}")
+    if suite.published:
+        published_file(cfg.suite, suite, cfg.models_root)  # before any run: one line if missing
     methods = resolve_methods(cfg.methods)
     out = Path(cfg.out)
     _check_same_settings(cfg, out)
@@ -185,14 +177,15 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
             if not any(r["method"] == m and r["seed"] == seed and "error" not in r
                        for r in records)]
     for i, (seed, method) in enumerate(todo):
-        teacher_dir = suite_teacher(cfg, suite, seed, progress)
+        teacher = suite_teacher(cfg, suite, seed, progress)
         run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
         method_name, _, update = parse_entry(method)
-        dcfg = DistillConfig(teacher=TeacherArgs(path=str(teacher_dir)), method=method_name,
+        dcfg = DistillConfig(teacher=teacher, method=method_name,
                              update=update,
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
+                             schedule=cfg.schedule,
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)

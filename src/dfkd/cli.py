@@ -80,8 +80,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfkd.config import AUGMENTATIONS, STUDENT_INITS
+    from dfkd.config import AUGMENTATIONS, SCHEDULES, STUDENT_INITS
     from dfkd.data import DATASETS
+    from dfkd.suites import SUITE_NAMES
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
                                      "a student from a teacher, without the teacher's data.")
@@ -152,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=S, choices=AUGMENTATIONS,
                    help="augment stored samples and relabel them by the teacher (default "
                    "shift+mix: shift, then blend random pairs; affine adds rotation and scale)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=S,
+                   help="transfer-set methods: planned (default: samples per round, inversion "
+                   "steps and student steps between rounds planned from measured costs for the "
+                   "budget) or fixed (the method's own rounds, 200 student steps apart)")
     p.add_argument("--steps-per-round", type=int, default=S,
-                   help="student steps between synthesis rounds (transfer-set methods)")
+                   help="student steps between synthesis rounds (default: the schedule's)")
     p.add_argument("--eval-points", type=int, default=S)
     _accel(p)
     _common(p)
@@ -169,19 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("bench", help="every method side by side on one suite, with anchors")
-    p.add_argument("--suite", required=True,
-                   choices=("digits", "mnist", "cifar10", "cifar100", "throughput"))
+    p.add_argument("--suite", required=True, choices=SUITE_NAMES)
     p.add_argument("--methods", default=S, help="all (default), default, or names like "
                    "deepinv,noise; NAME[key=value;...] adds a variant with its own options "
                    "(a row of its own); the real-data anchors kd_real and scratch_real always run")
-    p.add_argument("--budget", default=S, help="per method and seed (default: the suite's, "
-                   "60s for digits, 5m for mnist)")
+    p.add_argument("--budget", default=S, help="per method and seed (default: the suite's: "
+                   "60s for digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
+                   "cifar10-r56)")
     p.add_argument("--seeds", type=int, default=S, help="seeds 0..N-1 (default 3)")
     p.add_argument("--out", default=S)
     p.add_argument("--data-root", default=S, help="the suite dataset's files (not for digits)")
     p.add_argument("--teacher-epochs", type=int, default=S)
     p.add_argument("--teacher-cache", default=S,
                    help="where trained suite teachers are kept (default ~/.cache/dfkd/teachers)")
+    p.add_argument("--models-root", default=S, help="where the published teachers of the "
+                   "cifar10-r20/-r56 suites are (default $DFKD_MODELS or ~/.cache/dfkd/models)")
     p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
                    metavar="METHOD.KEY=VALUE", help="a method option, e.g. --set deepinv.steps=100")
     p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
@@ -190,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
                    help="where every student starts, the kd_real anchor's too: auto (default), "
                    "teacher or random (scratch_real always starts random)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=S,
+                   help="transfer-set rounds of every method: planned by cost (default) or fixed")
     p.add_argument("--eval-points", type=int, default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
@@ -333,7 +342,7 @@ def run(argv: list[str]) -> int:
                               "transfer_set", "temperature", "loss", "update", "batch_size",
                               "optimizer",
                               "lr", "augment",
-                              "steps_per_round", "eval_points", "seed", "device",
+                              "schedule", "steps_per_round", "eval_points", "seed", "device",
                               *ACCEL_FLAGS))
         cfg = _config(DistillConfig, args, _with_teacher(args, flags))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
@@ -400,8 +409,8 @@ def _bench(args, progress: bool, command: str) -> None:
     from dfkd.bench import BenchConfig, run_bench
 
     flags = _flags(args, ("suite", "methods", "budget", "seeds", "out", "data_root",
-                          "teacher_epochs", "teacher_cache", "eval_points", "device", "loss",
-                          "student_init"))
+                          "teacher_epochs", "teacher_cache", "models_root", "eval_points",
+                          "device", "loss", "student_init", "schedule"))
     if hasattr(args, "method_options"):
         bad = [k for k, _ in args.method_options if "." not in k]
         if bad:

@@ -20,6 +20,10 @@ AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS
 # how a teacher may run (dfkd.accel.Accel), here for the same reason as AUGMENTATIONS
 PRECISIONS = ("fp32", "bf16")
 
+# how a transfer-set run is scheduled (dfkd.plan), and the fixed schedule's student steps per round
+SCHEDULES = ("planned", "fixed")
+FIXED_STEPS_PER_ROUND = 200
+
 # where the student's weights start (dfkd.student_init), here for the same reason
 STUDENT_INITS = ("auto", "random", "teacher")
 
@@ -108,7 +112,10 @@ class DistillConfig:
     augment: str = "shift+mix"  # none | shift | shift+flip | affine | affine+flip, each with an
     # optional +mix, on stored samples, relabelled by the teacher each step (a forward pass, far
     # cheaper than a new sample)
-    steps_per_round: int = 200  # student steps between synthesis rounds (transfer-set methods)
+    schedule: str = "planned"  # transfer-set methods: planned (dfkd.plan divides the budget by
+    # measured costs) | fixed (the method's own rounds, FIXED_STEPS_PER_ROUND student steps apart)
+    steps_per_round: int | None = None  # student steps between synthesis rounds; None: the
+    # schedule's
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
     # how the teacher runs (dfkd.accel): bf16 autocast, channels_last, torch.compile. They speed
     # up a GPU; on the 2-core CPU here none pays for LeNet-5 (README, "Devices")

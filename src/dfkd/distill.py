@@ -1,6 +1,8 @@
 """The engine: a budgeted loop of synthesize -> train the student -> log, resumable at any kill.
 
-Transfer-set methods run one synthesis round every `steps_per_round` student steps and the
+Transfer-set methods run a synthesis round whenever the schedule says one is due (dfkd.plan
+plans the rounds' size, their inversion steps and the student steps between them from measured
+costs; `--schedule fixed` keeps the method's own round every 200 student steps) and the
 student samples minibatches from everything synthesized so far; online methods hand the student
 a fresh batch every step. The budget (wall clock or steps) covers synthesis and training alike;
 evaluation and checkpointing stop the clock. A wall-clock budget is enforced inside synthesis
@@ -24,11 +26,20 @@ from tqdm.auto import tqdm
 from dfkd import augment
 from dfkd.accel import Accel
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
-from dfkd.config import Budget, DistillConfig, load_config, save_config, to_dict
+from dfkd.config import (
+    FIXED_STEPS_PER_ROUND,
+    SCHEDULES,
+    Budget,
+    DistillConfig,
+    load_config,
+    save_config,
+    to_dict,
+)
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
 from dfkd.models import default_student
+from dfkd.plan import SYNTHESIS_SHARE, Costs, Plan, measure_costs, plan_run, replan_steps_per_round
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.student_init import init_student
 from dfkd.student_losses import StudentLoss, create_student_loss
@@ -149,7 +160,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     base_lr = optimizer.param_groups[0]["lr"]
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "synthesis_seconds": 0.0, "train_seconds": 0.0, "rounds": 0,
-             "evals": 0, "loss_sum": 0.0, "loss_n": 0, "relabel_passes": 0}
+             "evals": 0, "loss_sum": 0.0, "loss_n": 0, "relabel_passes": 0, "next_round": 0,
+             "image_steps": 0, "set_passes": 0.0, "plan": {}, "costs": {}}
     last_x = None
     ckpt_path = out / "checkpoint.pt"
 
@@ -179,6 +191,13 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         if family == "transfer_set" and (out / "transfer_set").exists():
             # parts of a run killed before its first checkpoint: replayed from round 0
             tset = TransferSet.open(out / "transfer_set", limit=0)
+
+    if family == "transfer_set" and synth and not state["plan"]:
+        plan, costs = plan_schedule(cfg, budget, synth, teacher, student)
+        state["plan"], state["costs"] = plan.to_dict(), dict(vars(costs))
+    schedule = Schedule(cfg, budget, synth, state) if family == "transfer_set" and synth else None
+    if schedule and progress:
+        tqdm.write(schedule.describe())
 
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
     round_start = [0.0]  # perf_counter when the running synthesis call began
@@ -213,7 +232,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     while not budget.done(state["step"], elapsed()):
         before = done_so_far()
         t0 = round_start[0] = time.perf_counter()
-        if family == "transfer_set" and state["rounds"] * cfg.steps_per_round <= state["step"] \
+        if schedule and state["next_round"] <= state["step"] \
                 and not (limit is not None and len(tset) >= limit):
             with accel.autocast(device):
                 batch = synth.synthesize(student, state["rounds"])
@@ -224,6 +243,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             last_x = batch["x"][:64].cpu()
             state["rounds"] += 1
             state["synthesis_seconds"] += time.perf_counter() - t0
+            state["image_steps"] += len(batch["x"]) * schedule.steps
+            state["next_round"] = state["step"] + schedule.steps_to_next_round(elapsed())
             checkpoint()
             last_ckpt = time.monotonic()
             bar.update(done_so_far() - before)
@@ -239,6 +260,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             t0 = t1
         else:
             batch = tset.sample(cfg.batch_size, gen)
+            state["set_passes"] += cfg.batch_size / len(tset)
         x = batch["x"].to(device)
         teacher_logits = batch["logits"].to(device) if "logits" in batch else None
         relabel = family != "online" and cfg.augment != "none"
@@ -320,6 +342,64 @@ def student_start(cfg: DistillConfig, synth) -> str:
     return cfg.student_init if synth is None or synth.student_sees_teacher else "random"
 
 
+def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier,
+                  student: Classifier) -> tuple[Plan, Costs]:
+    """The run's schedule before its first round. `planned`: from the costs measured here
+    (timed under a wall-clock budget, counted in FLOPs under a step budget, which keeps step
+    budgets reproducible) and the method's options the user did not set. `fixed`: the method's
+    own round, FIXED_STEPS_PER_ROUND student steps apart."""
+    if cfg.schedule not in SCHEDULES:
+        raise DfkdError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    size_key, steps_key = synth.round_options
+    batch, steps = getattr(synth.opts, size_key), getattr(synth.opts, steps_key)
+    if cfg.schedule == "fixed":
+        spr = cfg.steps_per_round or FIXED_STEPS_PER_ROUND
+        return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none")
+    timed = budget.seconds is not None
+    costs = measure_costs(teacher, student, cfg.batch_size, timed=timed)
+    seconds = budget.seconds if timed else \
+        budget.steps * costs.student_step / (1 - SYNTHESIS_SHARE)
+    fixed = frozenset(k for k, name in (("batch_size", size_key), ("steps", steps_key))
+                      if name in cfg.method_options)
+    plan = plan_run(costs, seconds, teacher.spec.num_classes, batch_size=batch, steps=steps,
+                    fixed=fixed, steps_per_round=cfg.steps_per_round)
+    return plan, costs
+
+
+class Schedule:
+    """When the next synthesis round is due. The plan's round size and steps are set on the
+    method once; under a planned wall-clock run the student steps to the next round are
+    re-planned after each round from the costs measured so far."""
+
+    def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: dict):
+        self.plan, self.state, self.budget = Plan(**state["plan"]), state, budget
+        self.replan = (cfg.schedule == "planned" and budget.seconds is not None
+                       and cfg.steps_per_round is None)
+        self.unit = state["costs"]["unit"]
+        size_key, steps_key = synth.round_options
+        setattr(synth.opts, size_key, self.plan.batch_size)
+        setattr(synth.opts, steps_key, self.plan.steps)
+        self.steps = self.plan.steps
+
+    def describe(self) -> str:
+        if self.unit == "none":
+            return (f"fixed schedule: rounds of {self.plan.batch_size} samples x {self.steps} "
+                    f"steps, {self.plan.steps_per_round} student steps apart")
+        c = self.state["costs"]
+        return (f"{self.plan.describe()}; costs ({self.unit}): {c['inversion']:.3g} per image "
+                f"and inversion step, {c['student_step']:.3g} per student step")
+
+    def steps_to_next_round(self, spent: float) -> int:
+        if not self.replan:
+            return self.plan.steps_per_round
+        s = self.state
+        measured = Costs(s["synthesis_seconds"] / max(1, s["image_steps"]),
+                         s["train_seconds"] / s["step"] if s["step"] else
+                         s["costs"]["student_step"])
+        return replan_steps_per_round(self.plan, measured, self.budget.seconds - spent,
+                                      s["synthesis_seconds"], spent)
+
+
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -338,12 +418,15 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "steps": state["step"], "synthesis_rounds": state["rounds"],
         "optimizer": cfg.optimizer, "lr": lr, "student_init": start,
         "samples": len(tset) if tset is not None else None, "temperature": temperature,
+        "passes_over_set": round(state["set_passes"], 2) if tset is not None else None,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
         "python": platform.python_version(),
         "method_options": dict(vars(synth.opts)) if synth else {},
         "per_class_acc": final.get("per_class_acc"), **crit.report(),
     }
+    if state["plan"]:
+        report["plan"] = {**state["plan"], "schedule": cfg.schedule, "costs": state["costs"]}
     if synth:
         report.update(synth.report())
     if update:

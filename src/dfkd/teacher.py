@@ -23,7 +23,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_path
-from dfkd.models import create_model, is_registered, model_input_shape
+from dfkd.models import is_registered, model_factory, model_input_shape
 
 WEIGHT_FILES = ("student.safetensors", "teacher.safetensors", "model.safetensors")
 
@@ -86,20 +86,22 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
-def build_net(arch: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A zoo name or `package.module:factory`; the factory gets the arguments it accepts."""
+def build_net(arch: str, num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
+    """A zoo name or `package.module:factory`; the factory gets those of `num_classes`,
+    `in_channels` and `input_shape` (C, H, W) it accepts."""
     if ":" not in arch:
-        return create_model(arch, num_classes=num_classes, in_channels=in_channels)
-    module_name, _, attr = arch.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise DfkdError(f"cannot load architecture '{arch}': {e}; expected package.module:factory "
-                        "importable from the current environment") from None
+        factory = model_factory(arch)
+    else:
+        module_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise DfkdError(f"cannot load architecture '{arch}': {e}; expected "
+                            "package.module:factory importable from the current environment"
+                            ) from None
     params = inspect.signature(factory).parameters
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-              if k in params}
-    net = factory(**kwargs)
+    given = {"num_classes": num_classes, "in_channels": shape[0], "input_shape": tuple(shape)}
+    net = factory(**{k: v for k, v in given.items() if k in params})
     if not isinstance(net, nn.Module):
         raise DfkdError(f"'{arch}' returned {type(net).__name__}, not an nn.Module")
     return net
@@ -183,7 +185,7 @@ def load_classifier(path: str | Path, *, arch: str | None = None,
                         "--std S (mean/std: one value or one per channel)")
     k = num_classes or (stored.num_classes if stored else _infer_num_classes(state))
     spec = InputSpec(shape, mean, std, k, stored.dataset if stored else None)
-    net = build_net(arch, k, spec.shape[0])
+    net = build_net(arch, k, spec.shape)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -215,6 +217,6 @@ def check_forward(model: Classifier, hint: str = "check --input-shape") -> None:
 
 def new_classifier(arch: str, spec: InputSpec) -> Classifier:
     """A freshly initialised network for `spec` (students, teachers before training)."""
-    model = Classifier(build_net(arch, spec.num_classes, spec.shape[0]), spec, arch)
+    model = Classifier(build_net(arch, spec.num_classes, spec.shape), spec, arch)
     check_forward(model, "choose a model made for this input size (`dfkd models`)")
     return model

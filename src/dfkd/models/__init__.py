@@ -1,14 +1,17 @@
 """Model zoo: importing this package registers every architecture by name."""
 
-from . import digits, generators, lenet, resnet_cifar, vgg, wrn  # noqa: F401  (registration)
+# importing each module registers its architectures
+from . import digits, generators, lenet, mlp, resnet_a, resnet_cifar, vgg, wrn  # noqa: F401
 from .registry import (
     create_model,
     default_student,
     is_registered,
     list_models,
+    model_factory,
     model_input_shape,
+    register_family,
     register_model,
 )
 
 __all__ = ["create_model", "default_student", "is_registered", "list_models",
-           "model_input_shape", "register_model"]
+           "model_factory", "model_input_shape", "register_family", "register_model"]

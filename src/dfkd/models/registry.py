@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], Factory], tuple[int, int, int]]] = []
 
 
 def register_model(
@@ -47,20 +49,37 @@ def register_model(
     return decorator
 
 
+def register_family(pattern: str, factory_for: Callable[[re.Match], Factory], *,
+                    input_shape: tuple[int, int, int]) -> None:
+    """Classifiers named by a pattern whose parts are the options (`mlp_512_256`): a name that
+    matches `pattern` in full builds `factory_for(match)`."""
+    _FAMILIES.append((re.compile(pattern), factory_for, input_shape))
+
+
 def list_models(kind: str | None = None) -> list[str]:
     """Sorted registered names, optionally only those of one kind."""
     return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 
 def is_registered(name: str) -> bool:
-    return name in _REGISTRY
+    return _lookup(name) is not None
+
+
+def _lookup(name: str) -> _Entry | None:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for pattern, factory_for, shape in _FAMILIES:
+        match = pattern.fullmatch(name)
+        if match:
+            return _Entry(factory_for(match), "classifier", shape)
+    return None
 
 
 def _entry(name: str, kind: str | None = None) -> _Entry:
     """Look a name up, failing with a one-line message that lists the valid choices."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    entry = _REGISTRY.get(name)
+    entry = _lookup(name)
     choices = ", ".join(list_models(kind))
     if entry is None:
         raise DfkdError(f"unknown model {name!r}; choose one of: {choices}")
@@ -79,6 +98,11 @@ def create_model(name: str, *, kind: str | None = None, **kwargs: object) -> nn.
             f"model {name!r} does not accept {', '.join(unknown)}; it accepts: {', '.join(params)}"
         )
     return entry.factory(**kwargs)
+
+
+def model_factory(name: str) -> Factory:
+    """The factory of a registered classifier (one-line error for an unknown name)."""
+    return _entry(name, "classifier").factory
 
 
 def model_input_shape(name: str) -> tuple[int, int, int]:
@@ -108,7 +132,9 @@ def init_weights(model: nn.Module) -> nn.Module:
 DEFAULT_STUDENTS = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_quarter",
                     "resnet34": "resnet18", "resnet56": "resnet20", "resnet32": "resnet20",
                     "resnet20": "resnet8", "vgg11": "vgg8", "wrn_40_2": "wrn_16_2",
-                    "wrn_40_1": "wrn_16_1", "wrn_16_2": "wrn_16_1"}
+                    "wrn_40_1": "wrn_16_1", "wrn_16_2": "wrn_16_1",
+                    "resnet20a": "resnet8a", "resnet32a": "resnet8a", "resnet56a": "resnet20a",
+                    "resnet110a": "resnet20a", "mlp": "mlp_half"}
 
 
 def default_student(teacher_arch: str) -> str:

@@ -37,6 +37,8 @@ class Synthesizer:
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
     student_sees_teacher: ClassVar[bool] = True  # False: the student may not start from the
     # teacher's weights either (scratch_real, the no-teacher anchor, ignores --student-init)
+    round_options: ClassVar[tuple[str, str]] = ("batch_size", "steps")  # a transfer-set round's
+    # samples and optimization steps: the options the engine's planner (dfkd.plan) may set
 
     def __init__(self, teacher: Classifier, options, seed: int):
         self.teacher, self.opts, self.seed = teacher, options, seed

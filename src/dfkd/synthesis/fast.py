@@ -131,6 +131,7 @@ class Fast(Synthesizer):
     family = "transfer_set"
     Options = FastOptions
     temperature = 20.0  # student KD (reference: 20)
+    round_options = ("batch_size", "g_steps")
 
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)

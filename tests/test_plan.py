@@ -1,0 +1,133 @@
+"""The planner: schedules from injected costs (no wall clock), re-planning, cost probes, and
+the engine running on a plan (report keys, exact resume)."""
+
+import copy
+
+import pytest
+import torch
+
+from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.distill import distill
+from dfkd.errors import DfkdError
+from dfkd.plan import (
+    MIN_BATCH,
+    MIN_STEPS,
+    Costs,
+    Plan,
+    measure_costs,
+    plan_run,
+    replan_steps_per_round,
+)
+from dfkd.teacher import InputSpec, load_classifier, new_classifier
+
+RESNET_ON_CPU = Costs(inversion=0.003, student_step=0.3)  # ResNet-20 -> resnet8a here, roughly
+LENET_ON_CPU = Costs(inversion=1.5e-4, student_step=0.03)
+
+
+def test_an_expensive_teacher_gets_fewer_steps_and_smaller_rounds():
+    plan = plan_run(RESNET_ON_CPU, 600, 10, batch_size=256, steps=200)
+    # 300 s of synthesis at 3 ms per image-step: 100 steps buy the 1,000 samples the set needs
+    assert (plan.steps, plan.samples, plan.batch_size, plan.rounds) == (100, 1000, 100, 10)
+    assert plan.steps_per_round == 100  # the other 300 s at 0.3 s per step, over 10 rounds
+    assert plan.synthesis_share == pytest.approx(0.5)
+
+
+def test_a_cheap_teacher_keeps_the_methods_round():
+    plan = plan_run(LENET_ON_CPU, 300, 10, batch_size=256, steps=200)
+    assert (plan.steps, plan.batch_size, plan.rounds) == (200, 256, 19)
+    synth = 19 * 256 * 200 * 1.5e-4
+    assert plan.steps_per_round == int((300 - synth) / 0.03 / 19)
+
+
+def test_floors_on_a_budget_too_small_for_anything():
+    plan = plan_run(RESNET_ON_CPU, 3, 10, batch_size=256, steps=200)  # 25 samples at most
+    assert plan.steps == MIN_STEPS and plan.batch_size == MIN_BATCH and plan.rounds == 1
+    # never more than the method's own: a method of 10 steps and 16 samples keeps them
+    small = plan_run(RESNET_ON_CPU, 10, 10, batch_size=16, steps=10)
+    assert (small.steps, small.batch_size) == (10, 16)
+
+
+def test_the_users_settings_are_kept():
+    plan = plan_run(RESNET_ON_CPU, 600, 10, batch_size=256, steps=200,
+                    fixed=frozenset({"steps", "batch_size"}), steps_per_round=7)
+    assert (plan.steps, plan.batch_size, plan.steps_per_round) == (200, 256, 7)
+    assert plan.rounds == 1  # 300 s buy 500 samples at 200 steps: less than one round of 256
+
+
+def test_replanning_follows_the_measured_costs():
+    plan = plan_run(RESNET_ON_CPU, 600, 10, batch_size=256, steps=200)
+    as_planned = replan_steps_per_round(plan, RESNET_ON_CPU, remaining=540, synthesized=30,
+                                        spent=60)
+    assert as_planned == 100
+    slower_student = Costs(0.003, 0.6)
+    assert replan_steps_per_round(plan, slower_student, 540, 30, 60) == 50
+    # synthesis ran over its share: one more round, the rest of the budget to the student
+    over = replan_steps_per_round(plan, RESNET_ON_CPU, remaining=200, synthesized=390, spent=400)
+    assert over == int((200 - 30) / 0.3)
+
+
+def _models():
+    spec = InputSpec((1, 8, 8), (0.5,), (0.5,), 10)
+    torch.manual_seed(0)
+    return (new_classifier("digits_cnn", spec).eval().requires_grad_(False),
+            new_classifier("digits_cnn_quarter", spec))
+
+
+def test_counted_costs_are_deterministic_and_leave_the_run_untouched():
+    teacher, student = _models()
+    before = copy.deepcopy(student.state_dict())
+    rng = torch.get_rng_state()
+    a = measure_costs(teacher, student, 32, timed=False)
+    b = measure_costs(teacher, student, 32, timed=False)
+    assert a == b and a.unit == "flop" and a.inversion > 0 and a.student_step > a.inversion
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    timed = measure_costs(teacher, student, 32, timed=True)
+    assert timed.unit == "s" and timed.inversion > 0 and timed.student_step > 0
+
+
+def _cfg(teacher, out, **kw):
+    base = dict(teacher=TeacherArgs(path=str(teacher)), method="deepinv",
+                method_options={"batch_size": 8, "steps": 4}, student="digits_cnn_quarter",
+                out=str(out), budget="30steps", device="cpu", eval_dataset="digits",
+                eval_points=3, batch_size=32, checkpoint_seconds=0.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_a_planned_run_reports_its_plan_and_what_happened(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "r"), progress=False)
+    plan = report["plan"]
+    assert plan["schedule"] == "planned" and plan["costs"]["unit"] == "flop"
+    assert (plan["batch_size"], plan["steps"]) == (8, 4)  # set by the user, kept
+    assert report["synthesis_rounds"] > 1 and report["samples"] == 8 * report["synthesis_rounds"]
+    assert report["passes_over_set"] > 0 and report["steps"] == 30
+    planned = plan_run(Costs(**plan["costs"]), 30 * plan["costs"]["student_step"] / 0.5, 10,
+                       batch_size=8, steps=4, fixed=frozenset({"batch_size", "steps"}))
+    assert Plan(**{k: plan[k] for k in Plan.__dataclass_fields__}) == planned
+    # the same command plans the same run: step budgets stay reproducible
+    again = distill(_cfg(digits_teacher, tmp_path / "again"), progress=False)
+    assert again["plan"] == plan and again["student_acc"] == report["student_acc"]
+
+
+def test_the_fixed_schedule_and_a_given_steps_per_round(digits_teacher, tmp_path):
+    fixed = distill(_cfg(digits_teacher, tmp_path / "f", schedule="fixed"), progress=False)
+    assert fixed["plan"]["steps_per_round"] == 200 and fixed["synthesis_rounds"] == 1
+    given = distill(_cfg(digits_teacher, tmp_path / "g", steps_per_round=10), progress=False)
+    assert given["plan"]["steps_per_round"] == 10 and given["synthesis_rounds"] == 3
+    with pytest.raises(DfkdError, match="schedule must be one of planned, fixed"):
+        distill(_cfg(digits_teacher, tmp_path / "bad", schedule="soon"), progress=False)
+
+
+def test_the_planner_cuts_a_methods_own_round_for_the_budget(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "own", method_options={}), progress=False)
+    assert report["plan"]["steps"] < 200 and report["plan"]["batch_size"] < 256
+    assert report["method_options"]["steps"] == report["plan"]["steps"]
+    assert report["method_options"]["batch_size"] == report["plan"]["batch_size"]
+
+
+def test_a_planned_wall_clock_run_replans_between_rounds(digits_teacher, tmp_path):
+    report = distill(_cfg(digits_teacher, tmp_path / "w", budget="6s",
+                          method_options={"batch_size": 16, "steps": 5}), progress=False)
+    assert report["plan"]["costs"]["unit"] == "s" and report["synthesis_rounds"] >= 2
+    assert load_classifier(tmp_path / "w").arch == "digits_cnn_quarter"
