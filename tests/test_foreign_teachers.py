@@ -87,6 +87,8 @@ def test_mlp_widths_are_in_the_name_and_the_input_size_follows_the_spec(tmp_path
     cifar = create_model("mlp", in_channels=3, input_shape=(3, 32, 32))
     assert cifar(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert default_student("mlp") == "mlp_half"
+    with pytest.raises(DfkdError, match="positive hidden widths, got \\(64, 0\\)"):
+        create_model("mlp_64_0")
     assert misfits(create_model("mlp_half"), create_model("mlp")) == []
 
 

@@ -70,3 +70,11 @@ class Accel:
         if self.precision == "bf16":
             return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DfkdError(f"--device {name} asked for, but CUDA is not available here; use cpu")
+    return torch.device(name)

@@ -320,10 +320,11 @@ def run(argv: list[str]) -> int:
               "Patel et al., CVPR 2023")
         print("\n(*: the default of `dfkd distill`; `dfkd bench --methods default` selects it)")
     elif args.command == "models":
-        from dfkd.models import list_models
+        from dfkd.models import list_families, list_models
 
         for kind in ("classifier", "generator"):
             print(f"{kind}s: {', '.join(list_models(kind))}")
+        print(f"classifier families (widths in the name): {', '.join(list_families())}")
     elif args.command == "train-teacher":
         from dfkd.train import TeacherConfig, train_teacher
 

@@ -154,3 +154,21 @@ def load_config(cls, path: Path):
     except (OSError, yaml.YAMLError) as e:
         raise DfkdError(f"cannot read config '{path}': {str(e).splitlines()[0]}") from None
     return from_dict(cls, data)
+
+
+def prepare_run_dir(out: Path, cfg, resume: bool, command: str) -> None:
+    """Refuse to mix runs: an existing run needs --resume and the same configuration."""
+    config_path = out / "config.yaml"
+    if config_path.exists():
+        if not resume:
+            raise DfkdError(f"'{out}' already holds a run; add --resume to continue it or choose "
+                            "another --out")
+        old = load_config(type(cfg), config_path)
+        if to_dict(old) != to_dict(cfg):
+            diff = sorted(k for k, v in to_dict(cfg).items() if to_dict(old).get(k) != v)
+            raise DfkdError(f"--resume with a different configuration ({', '.join(diff)} changed);"
+                            f" rerun with the settings in {config_path}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_path)
+        write_text(out / "command.txt", command + "\n")

@@ -15,7 +15,6 @@ resumed run replays exactly what the killed one would have done.
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from pathlib import Path
@@ -24,74 +23,31 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import augment
-from dfkd.accel import Accel
+from dfkd.accel import Accel, pick_device
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import (
     FIXED_STEPS_PER_ROUND,
     SCHEDULES,
     Budget,
     DistillConfig,
-    load_config,
-    save_config,
-    to_dict,
+    prepare_run_dir,
 )
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
-from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_text
+from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl
 from dfkd.models import default_student
+from dfkd.optim import cosine_lr, make_optimizer
 from dfkd.plan import SYNTHESIS_SHARE, Costs, Plan, measure_costs, plan_run, replan_steps_per_round
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.student_init import init_student
 from dfkd.student_losses import StudentLoss, create_student_loss
 from dfkd.student_update import create_update
 from dfkd.synthesis import create_synthesizer
+from dfkd.synthesis.base import Clock
 from dfkd.teacher import Classifier, new_classifier, save_classifier
 from dfkd.transfer_set import TransferSet
 
 LOG_EVERY = 25  # student steps between loss records in metrics.jsonl
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DfkdError(f"--device {name} asked for, but CUDA is not available here; use cpu")
-    return torch.device(name)
-
-
-def make_optimizer(name: str, params, lr: float | None, weight_decay: float):
-    """The student's optimizer. SGD at 0.1 is the default of every method: on mnist at 2 minutes
-    it beat Adam at 1e-3 for mvn (+1.8 points), deepinv (+1.1), kd_real (+0.2) and, on digits,
-    the generator family (4-32 points); BENCHMARKS.md, "The student's recipe"."""
-    if name == "adam":
-        return torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr or 0.1, momentum=0.9, nesterov=True,
-                               weight_decay=weight_decay)
-    raise DfkdError(f"unknown optimizer '{name}'; choose adam or sgd")
-
-
-def cosine_lr(optimizer, base_lr: float, progress: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def prepare_run_dir(out: Path, cfg, resume: bool, command: str) -> None:
-    """Refuse to mix runs: an existing run needs --resume and the same configuration."""
-    config_path = out / "config.yaml"
-    if config_path.exists():
-        if not resume:
-            raise DfkdError(f"'{out}' already holds a run; add --resume to continue it or choose "
-                            "another --out")
-        old = load_config(type(cfg), config_path)
-        if to_dict(old) != to_dict(cfg):
-            diff = sorted(k for k, v in to_dict(cfg).items() if to_dict(old).get(k) != v)
-            raise DfkdError(f"--resume with a different configuration ({', '.join(diff)} changed);"
-                            f" rerun with the settings in {config_path}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, config_path)
-        write_text(out / "command.txt", command + "\n")
 
 
 class Evaluator:
@@ -202,9 +158,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     elapsed = lambda: state["synthesis_seconds"] + state["train_seconds"]  # noqa: E731
     round_start = [0.0]  # perf_counter when the running synthesis call began
     if synth and budget.seconds is not None:
-        synth.budget_used = lambda: min(1.0, (elapsed() + time.perf_counter() - round_start[0])
-                                        / budget.seconds)
-        synth.should_stop = lambda: synth.budget_used() >= 1.0
+        synth.clock = Clock(budget.seconds,
+                            lambda: elapsed() + time.perf_counter() - round_start[0])
     limit = synth.sample_limit() if synth else None  # a finished transfer set stops synthesis
     passes = lambda: ((synth.teacher_passes if synth else 0) + state["relabel_passes"]  # noqa: E731
                       + (update.teacher_passes if update else 0))

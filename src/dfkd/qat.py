@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import augment, quant
-from dfkd.distill import cosine_lr
 from dfkd.errors import DfkdError
 from dfkd.losses import feature_affinity_loss, kd_loss
+from dfkd.optim import cosine_lr
 from dfkd.student_losses import Tap, stage_outputs
 from dfkd.teacher import Classifier
 

@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd import quant
+from dfkd.accel import pick_device
 from dfkd.calibration import calibration_method, make_calibration
-from dfkd.config import TeacherArgs
-from dfkd.distill import pick_device, prepare_run_dir
+from dfkd.config import TeacherArgs, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics
 from dfkd.io import write_json, write_text

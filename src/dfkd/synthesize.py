@@ -12,9 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dfkd.accel import Accel
-from dfkd.config import TeacherArgs
-from dfkd.distill import pick_device, prepare_run_dir
+from dfkd.accel import Accel, pick_device
+from dfkd.config import TeacherArgs, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
 from dfkd.synthesis import create_synthesizer

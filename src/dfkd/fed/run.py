@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from dfkd.distill import prepare_run_dir
+from dfkd.config import prepare_run_dir
 from dfkd.fed.launch import require_flower, run_on_flower
 from dfkd.fed.partition import plot_label_counts
 from dfkd.fed.task import FedConfig, all_label_counts

@@ -6,6 +6,7 @@ from .registry import (
     create_model,
     default_student,
     is_registered,
+    list_families,
     list_models,
     model_factory,
     model_input_shape,
@@ -13,5 +14,5 @@ from .registry import (
     register_model,
 )
 
-__all__ = ["create_model", "default_student", "is_registered", "list_models",
+__all__ = ["create_model", "default_student", "is_registered", "list_families", "list_models",
            "model_factory", "model_input_shape", "register_family", "register_model"]

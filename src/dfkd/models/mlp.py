@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from dfkd.errors import DfkdError
+
 from .registry import init_weights, register_family, register_model
 
 MNIST_SHAPE = (1, 28, 28)
@@ -23,7 +25,7 @@ class MLP(nn.Module):
                  input_shape: tuple[int, int, int] = MNIST_SHAPE) -> None:
         super().__init__()
         if not hidden or any(w < 1 for w in hidden):
-            raise ValueError(f"an MLP needs one or more positive hidden widths, got {hidden}")
+            raise DfkdError(f"an MLP needs one or more positive hidden widths, got {hidden}")
         layers: list[nn.Module] = [nn.Flatten()]
         cin = math.prod(input_shape)
         for width in hidden:
@@ -49,6 +51,11 @@ def _factory(hidden: tuple[int, ...]):
 
 register_model("mlp", input_shape=MNIST_SHAPE)(_factory((512, 256)))
 register_model("mlp_half", input_shape=MNIST_SHAPE)(_factory((256, 128)))
-register_family(r"mlp((?:_\d+)+)", lambda m: _factory(tuple(int(w) for w in
-                                                             m.group(1).split("_")[1:])),
+
+
+def _widths(match) -> tuple[int, ...]:
+    return tuple(int(w) for w in match.group(1).split("_")[1:])
+
+
+register_family("mlp_W1_W2_..._Wk", r"mlp((?:_\d+)+)", lambda m: _factory(_widths(m)),
                 input_shape=MNIST_SHAPE)

@@ -24,7 +24,7 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
-_FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], Factory], tuple[int, int, int]]] = []
+_FAMILIES: dict[str, tuple[re.Pattern, Callable[[re.Match], Factory], tuple[int, int, int]]] = {}
 
 
 def register_model(
@@ -49,11 +49,16 @@ def register_model(
     return decorator
 
 
-def register_family(pattern: str, factory_for: Callable[[re.Match], Factory], *,
+def register_family(label: str, pattern: str, factory_for: Callable[[re.Match], Factory], *,
                     input_shape: tuple[int, int, int]) -> None:
     """Classifiers named by a pattern whose parts are the options (`mlp_512_256`): a name that
-    matches `pattern` in full builds `factory_for(match)`."""
-    _FAMILIES.append((re.compile(pattern), factory_for, input_shape))
+    matches `pattern` in full builds `factory_for(match)`; `label` shows the form of the names
+    (`dfkd models`)."""
+    _FAMILIES[label] = (re.compile(pattern), factory_for, input_shape)
+
+
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)
 
 
 def list_models(kind: str | None = None) -> list[str]:
@@ -68,7 +73,7 @@ def is_registered(name: str) -> bool:
 def _lookup(name: str) -> _Entry | None:
     if name in _REGISTRY:
         return _REGISTRY[name]
-    for pattern, factory_for, shape in _FAMILIES:
+    for pattern, factory_for, shape in _FAMILIES.values():
         match = pattern.fullmatch(name)
         if match:
             return _Entry(factory_for(match), "classifier", shape)

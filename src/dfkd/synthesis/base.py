@@ -44,15 +44,17 @@ class Synthesizer:
         self.teacher, self.opts, self.seed = teacher, options, seed
         self.teacher_passes = 0  # images through the teacher (forward, with or without backward)
 
+    clock: Clock | None = None  # the run's wall-clock budget, when it has one (the engine's)
+
     def should_stop(self) -> bool:
-        """True once the run's wall-clock budget is spent; the engine replaces this, and long
-        inner loops check it every step so that no method can overrun its budget."""
-        return False
+        """True once the run's wall-clock budget is spent: long inner loops check it every step,
+        so that no method can overrun its budget."""
+        return self.clock is not None and self.clock.used() >= 1.0
 
     def budget_used(self) -> float:
-        """The share of the run's wall-clock budget spent so far, in [0, 1] (0 under a step
-        budget); the engine replaces this, for methods that split the budget into stages."""
-        return 0.0
+        """The share of the run's wall-clock budget spent so far, in [0, 1] (0 without a
+        wall-clock budget), for methods that split the budget into stages."""
+        return self.clock.used() if self.clock is not None else 0.0
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +121,17 @@ class Synthesizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.teacher_passes = int(state["teacher_passes"])
+
+
+class Clock:
+    """What a synthesizer asks of the run's wall-clock budget: `spent()` returns the seconds of
+    budget spent so far, the running synthesis call included."""
+
+    def __init__(self, budget_seconds: float, spent):
+        self.budget_seconds, self.spent = budget_seconds, spent
+
+    def used(self) -> float:
+        return min(1.0, self.spent() / self.budget_seconds)
 
 
 class CountsLabelMismatch:
