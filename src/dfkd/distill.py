@@ -79,6 +79,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     out = Path(cfg.out)
     budget = Budget.parse(cfg.budget)
     augment.check(cfg.augment)
+    if cfg.schedule not in SCHEDULES:
+        raise DfkdError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
@@ -198,7 +200,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             last_x = batch["x"][:64].cpu()
             state["rounds"] += 1
             state["synthesis_seconds"] += time.perf_counter() - t0
-            state["image_steps"] += len(batch["x"]) * schedule.steps
+            state["image_steps"] += len(batch["x"]) * schedule.plan.steps
             state["next_round"] = state["step"] + schedule.steps_to_next_round(elapsed())
             checkpoint()
             last_ckpt = time.monotonic()
@@ -303,8 +305,6 @@ def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier
     (timed under a wall-clock budget, counted in FLOPs under a step budget, which keeps step
     budgets reproducible) and the method's options the user did not set. `fixed`: the method's
     own round, FIXED_STEPS_PER_ROUND student steps apart."""
-    if cfg.schedule not in SCHEDULES:
-        raise DfkdError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     size_key, steps_key = synth.round_options
     batch, steps = getattr(synth.opts, size_key), getattr(synth.opts, steps_key)
     if cfg.schedule == "fixed":
@@ -334,11 +334,10 @@ class Schedule:
         size_key, steps_key = synth.round_options
         setattr(synth.opts, size_key, self.plan.batch_size)
         setattr(synth.opts, steps_key, self.plan.steps)
-        self.steps = self.plan.steps
 
     def describe(self) -> str:
         if self.unit == "none":
-            return (f"fixed schedule: rounds of {self.plan.batch_size} samples x {self.steps} "
+            return (f"fixed schedule: rounds of {self.plan.batch_size} samples x {self.plan.steps} "
                     f"steps, {self.plan.steps_per_round} student steps apart")
         c = self.state["costs"]
         return (f"{self.plan.describe()}; costs ({self.unit}): {c['inversion']:.3g} per image "
