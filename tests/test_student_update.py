@@ -50,7 +50,9 @@ def test_lra_loss_golden_value_and_its_second_order_gradient():
     mx, mt = _randn(4, 1, 8, 8, seed=4).sigmoid(), _randn(4, 10, seed=5)
     lra.memory = [(mx, mt)]
     loss = lra.loss(crit, student, teacher, x, t, torch.Generator().manual_seed(0), step=0)
-    assert loss.item() == pytest.approx(1.1062644, abs=1e-6)
+    # float32 through a second-order graph: CPUs that sum in another order differ in the sixth
+    # digit (1.1062679 on this project's current machine, 1.1062644 where it was recorded)
+    assert loss.item() == pytest.approx(1.1062644, rel=1e-5)
 
     # the same quantity by hand
     w, b = student.net[1].weight, student.net[1].bias
