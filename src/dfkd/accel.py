@@ -78,3 +78,9 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DfkdError(f"--device {name} asked for, but CUDA is not available here; use cpu")
     return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

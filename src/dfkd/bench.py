@@ -132,13 +132,16 @@ def teacher_cache_root(cfg: BenchConfig) -> Path:
     return Path(base) / "teachers"
 
 
+def published_teacher(cfg: BenchConfig, suite: Suite) -> TeacherArgs:
+    """The suite's published teacher file, checked once: the same for every seed."""
+    pub = suite.published
+    return TeacherArgs(path=str(published_file(cfg.suite, suite, cfg.models_root)),
+                       arch=pub.arch, mean=list(pub.mean), std=list(pub.std))
+
+
 def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> TeacherArgs:
-    """The suite's published teacher file, or the teacher trained for `seed` (reused from the
-    cache when trained with the same settings: the key hashes the full teacher configuration)."""
-    if suite.published:
-        pub = suite.published
-        return TeacherArgs(path=str(published_file(cfg.suite, suite, cfg.models_root)),
-                           arch=pub.arch, mean=list(pub.mean), std=list(pub.std))
+    """The teacher trained for `seed`, or the cached one trained with the same settings (the
+    cache key hashes the full teacher configuration)."""
     tcfg = TeacherConfig(dataset=suite.dataset, model=suite.teacher, data_root=cfg.data_root,
                          epochs=cfg.teacher_epochs, seed=seed, device=cfg.device)
     key = {k: v for k, v in to_dict(tcfg).items() if k not in ("out", "device")}
@@ -162,8 +165,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                         "(its anchors and evaluation use the real data)")
     if cfg.seeds < 1:
         raise DfkdError(f"--seeds must be at least 1, got {cfg.seeds}")
-    if suite.published:
-        published_file(cfg.suite, suite, cfg.models_root)  # before any run: one line if missing
+    # before any run: a missing published file is one line, not one failed record per run
+    published = published_teacher(cfg, suite) if suite.published else None
     methods = resolve_methods(cfg.methods)
     out = Path(cfg.out)
     _check_same_settings(cfg, out)
@@ -177,7 +180,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
             if not any(r["method"] == m and r["seed"] == seed and "error" not in r
                        for r in records)]
     for i, (seed, method) in enumerate(todo):
-        teacher = suite_teacher(cfg, suite, seed, progress)
+        teacher = published or suite_teacher(cfg, suite, seed, progress)
         run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
         method_name, _, update = parse_entry(method)
         dcfg = DistillConfig(teacher=teacher, method=method_name,

@@ -32,8 +32,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+from dfkd.accel import synchronize
+from dfkd.losses import kd_loss
 
 SYNTHESIS_SHARE = 0.5  # of the budget, for synthesis
 MIN_SAMPLES_PER_CLASS = 100  # the set the budget must reach before steps per sample are cut
@@ -106,9 +108,8 @@ def replan_steps_per_round(plan: Plan, costs: Costs, remaining: float, synthesiz
 
 def _student_step(student, teacher, x: torch.Tensor) -> None:
     with torch.no_grad():
-        target = teacher(x).float()
-    loss = F.kl_div(F.log_softmax(student(x), 1), F.softmax(target, 1), reduction="batchmean")
-    loss.backward()
+        target = teacher(x)
+    kd_loss(student(x), target, 4.0).backward()
 
 
 def _inversion_step(teacher, x: torch.Tensor) -> None:
@@ -141,12 +142,10 @@ def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
     fn()  # warm-up: allocator, kernels
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

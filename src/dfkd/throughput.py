@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dfkd.accel import Accel
+from dfkd.accel import Accel, synchronize
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_layers
 from dfkd.io import write_json, write_text
@@ -86,11 +86,6 @@ def throughput_teacher(arch: str, device: torch.device, seed: int = 0) -> Classi
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(method: str, arch: str, device: torch.device, accel: Accel, *, steps: int,
             batch_size: int) -> dict:
     """Time one synthesis round (after a one-step warm-up round) of `method` on `arch`."""
@@ -102,11 +97,11 @@ def measure(method: str, arch: str, device: torch.device, accel: Accel, *, steps
         synth.synthesize(None, 0)  # warm-up: allocator, cuDNN autotuning, compilation
         if "steps" in fields:
             synth.opts.steps = steps
-        _sync(device)
+        synchronize(device)
         passes = synth.teacher_passes
         start = time.perf_counter()
         batch = synth.synthesize(None, 1)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     images = int(batch["x"].shape[0])
     iters = steps if "steps" in fields else 1  # a method without steps makes one pass a round
