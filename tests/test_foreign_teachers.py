@@ -103,7 +103,7 @@ def _published_suite(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     (models / "stand-in.th").rename(models / name)
     monkeypatch.setitem(bench.SUITES, "tiny-published", Suite(
         "cifar10", "resnet8a", "resnet8a", "2steps",
-        published=Published(name, "resnet8a", IMAGENET_MEAN, IMAGENET_STD, "this test")))
+        published=Published(name, IMAGENET_MEAN, IMAGENET_STD, "this test")))
     data = tmp_path / "data"
     write_cifar10(data / "cifar-10-batches-py")
     return models, data

@@ -136,7 +136,7 @@ def published_teacher(cfg: BenchConfig, suite: Suite) -> TeacherArgs:
     """The suite's published teacher file, checked once: the same for every seed."""
     pub = suite.published
     return TeacherArgs(path=str(published_file(cfg.suite, suite, cfg.models_root)),
-                       arch=pub.arch, mean=list(pub.mean), std=list(pub.std))
+                       arch=suite.teacher, mean=list(pub.mean), std=list(pub.std))
 
 
 def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> TeacherArgs:

@@ -21,11 +21,11 @@ AKAMASTER = "github.com/akamaster/pytorch_resnet_cifar10, release 'pretrained'"
 
 @dataclass(frozen=True)
 class Published:
-    """A teacher file published elsewhere: its name (whose hex part is the start of its
-    SHA-256, the torch.hub convention), architecture, input normalisation and origin."""
+    """A teacher file published elsewhere (its architecture is the suite's `teacher`): its
+    name (whose hex part is the start of its SHA-256, the torch.hub convention), input
+    normalisation and origin."""
 
     file: str
-    arch: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
@@ -49,11 +49,11 @@ SUITES = {
     # the published ResNet-20 -> the 8-layer ResNet of the same family: a shallower copy, so the
     # student may start from the teacher's first block of each stage
     "cifar10-r20": Suite("cifar10", "resnet20a", "resnet8a", "10m", published=Published(
-        "resnet20-12fca82f.th", "resnet20a", IMAGENET_MEAN, IMAGENET_STD, AKAMASTER)),
+        "resnet20-12fca82f.th", IMAGENET_MEAN, IMAGENET_STD, AKAMASTER)),
     # ResNet-56 -> ResNet-20 of the same family, the field's usual CIFAR pair (CRD, ...): a third
     # of the depth, and the published ResNet-20 shows that this student can reach 91.6%
     "cifar10-r56": Suite("cifar10", "resnet56a", "resnet20a", "30m", published=Published(
-        "resnet56-4bfd9763.th", "resnet56a", IMAGENET_MEAN, IMAGENET_STD, AKAMASTER)),
+        "resnet56-4bfd9763.th", IMAGENET_MEAN, IMAGENET_STD, AKAMASTER)),
     "cifar10": Suite("cifar10", "resnet34", "resnet18", "1h"),
     "cifar100": Suite("cifar100", "resnet34", "resnet18", "1h"),
 }
