@@ -1,0 +1,199 @@
+"""Where the student's batches come from, one source per kind of run, so that the engine's loop
+has one shape: a transfer set that grows in rounds the schedule plans (transfer-set methods), a
+fresh batch every step (online methods), or a finished set given with `--transfer-set`.
+
+Every source answers the same questions: is a synthesis round due, make it, keep it, and the
+next student batch. A source also knows what its checkpoint must hold (the set's parts) and
+which of its samples the run's report pictures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dfkd.config import FIXED_STEPS_PER_ROUND, Budget, DistillConfig
+from dfkd.plan import SYNTHESIS_SHARE, Costs, Plan, measure_costs, plan_run, replan_steps_per_round
+from dfkd.run_state import RunState
+from dfkd.synthesis.base import Batch
+from dfkd.teacher import Classifier
+from dfkd.transfer_set import TransferSet
+
+PICTURED = 64  # samples of the newest batch kept for the run's samples.png
+
+
+class StoredSet:
+    """A finished transfer set: uniform minibatches, augmented (and then relabelled by the
+    engine) when `--augment` asks."""
+
+    def __init__(self, tset: TransferSet, augment: str):
+        self.tset, self.augment = tset, augment
+        self.last_x: torch.Tensor | None = None
+
+    def round_due(self, state: RunState) -> bool:
+        return False
+
+    def next_batch(self, student: Classifier, state: RunState, gen: torch.Generator,
+                   batch_size: int) -> Batch:
+        state.set_passes += batch_size / len(self.tset)
+        return self.tset.sample(batch_size, gen)
+
+    def plan(self, cfg: DistillConfig, budget: Budget, teacher: Classifier,
+             student: Classifier, state: RunState) -> str | None:
+        """Fix the run's schedule; returns the line that describes it (None: no rounds)."""
+        return None
+
+    @property
+    def samples(self) -> int | None:
+        return len(self.tset)
+
+    @property
+    def set_size(self) -> int:
+        return len(self.tset)
+
+    def checkpoint_parts(self) -> int:
+        return 0
+
+    def resume(self, parts: int) -> None:
+        """Back to the checkpoint's state: the set as it stood (`parts` rounds)."""
+
+    def start_fresh(self) -> None:
+        """A run that starts over drops whatever a killed earlier start left behind."""
+
+    def pictured_targets(self) -> torch.Tensor | None:
+        return None
+
+
+class GrowingSet(StoredSet):
+    """A transfer-set method's rounds, appended to the run's set when the schedule says one is
+    due; the student draws minibatches from everything kept so far."""
+
+    def __init__(self, synth, root: Path, augment: str, autocast):
+        super().__init__(TransferSet(root), augment)
+        self.synth, self.root, self.autocast = synth, root, autocast
+        self.limit = synth.sample_limit()  # a finished set stops synthesis
+        self.schedule: Schedule | None = None
+
+    def plan(self, cfg, budget, teacher, student, state) -> str:
+        if not state.plan:
+            plan, costs = plan_schedule(cfg, budget, self.synth, teacher, student)
+            state.plan, state.costs = plan.to_dict(), dict(vars(costs))
+        self.schedule = Schedule(cfg, budget, self.synth, state)
+        return self.schedule.describe()
+
+    def round_due(self, state: RunState) -> bool:
+        return state.next_round <= state.step and \
+            not (self.limit is not None and len(self.tset) >= self.limit)
+
+    def make_round(self, student: Classifier, state: RunState) -> Batch:
+        with self.autocast():
+            return self.synth.synthesize(student, state.rounds)
+
+    def keep_round(self, batch: Batch, state: RunState) -> None:
+        """Store the round and schedule the next; `state` already counts its synthesis time."""
+        self.tset.append(batch)
+        self.last_x = batch["x"][:PICTURED].cpu()
+        state.rounds += 1
+        state.image_steps += len(batch["x"]) * self.schedule.plan.steps
+        state.next_round = state.step + self.schedule.steps_to_next_round(state.elapsed())
+
+    def checkpoint_parts(self) -> int:
+        return len(self.tset.parts)
+
+    def resume(self, parts: int) -> None:
+        self.tset = TransferSet.open(self.root, limit=parts)
+
+    def start_fresh(self) -> None:
+        if self.root.exists():  # parts of a run killed before its first checkpoint
+            self.tset = TransferSet.open(self.root, limit=0)
+
+    def pictured_targets(self) -> torch.Tensor | None:
+        targets = self.tset.parts[-1]["targets"] if self.tset.parts else None
+        return targets if targets is not None and (targets >= 0).all() else None
+
+
+class OnlineBatches(StoredSet):
+    """An online method: a fresh batch for every student step, its making timed as synthesis."""
+
+    def __init__(self, synth, autocast):
+        super().__init__(TransferSet(), "none")
+        self.synth, self.autocast = synth, autocast
+
+    def next_batch(self, student, state, gen, batch_size) -> Batch:
+        t0 = time.perf_counter()
+        with self.autocast():
+            batch = self.synth.synthesize(student, state.step)
+        state.synthesis_seconds += time.perf_counter() - t0
+        self.last_x = batch["x"][:PICTURED].detach().cpu()
+        return batch
+
+    @property
+    def samples(self) -> None:
+        return None
+
+    @property
+    def set_size(self) -> int:
+        return 0
+
+
+def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier,
+                  student: Classifier) -> tuple[Plan, Costs]:
+    """The run's schedule before its first round. `planned`: from the costs measured here
+    (timed under a wall-clock budget, counted in FLOPs under a step budget, which keeps step
+    budgets reproducible) and the method's options the user did not set. `fixed`: the method's
+    own round, FIXED_STEPS_PER_ROUND student steps apart."""
+    size_key, steps_key = synth.round_options
+    batch, steps = getattr(synth.opts, size_key), getattr(synth.opts, steps_key)
+    if cfg.schedule == "fixed":
+        spr = cfg.steps_per_round or FIXED_STEPS_PER_ROUND
+        return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none")
+    timed = budget.seconds is not None
+    costs = measure_costs(teacher, student, cfg.batch_size, timed=timed)
+    seconds = budget.seconds if timed else \
+        budget.steps * costs.student_step / (1 - SYNTHESIS_SHARE)
+    fixed = frozenset(k for k, name in (("batch_size", size_key), ("steps", steps_key))
+                      if name in cfg.method_options)
+    plan = plan_run(costs, seconds, teacher.spec.num_classes, batch_size=batch, steps=steps,
+                    fixed=fixed, steps_per_round=cfg.steps_per_round)
+    return plan, costs
+
+
+class Schedule:
+    """When the next synthesis round is due. The plan's round size and steps are set on the
+    method once; under a planned wall-clock run the student steps to the next round are
+    re-planned after each round from the costs measured so far."""
+
+    def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: RunState):
+        self.plan, self.state, self.budget = Plan(**state.plan), state, budget
+        self.replan = (cfg.schedule == "planned" and budget.seconds is not None
+                       and cfg.steps_per_round is None)
+        self.unit = state.costs["unit"]
+        size_key, steps_key = synth.round_options
+        setattr(synth.opts, size_key, self.plan.batch_size)
+        setattr(synth.opts, steps_key, self.plan.steps)
+
+    def describe(self) -> str:
+        if self.unit == "none":
+            return (f"fixed schedule: rounds of {self.plan.batch_size} samples x {self.plan.steps} "
+                    f"steps, {self.plan.steps_per_round} student steps apart")
+        c = self.state.costs
+        return (f"{self.plan.describe()}; costs ({self.unit}): {c['inversion']:.3g} per image "
+                f"and inversion step, {c['student_step']:.3g} per student step")
+
+    def steps_to_next_round(self, spent: float) -> int:
+        if not self.replan:
+            return self.plan.steps_per_round
+        s = self.state
+        measured = Costs(s.synthesis_seconds / max(1, s.image_steps),
+                         s.train_seconds / s.step if s.step else s.costs["student_step"])
+        return replan_steps_per_round(self.plan, measured, self.budget.seconds - spent,
+                                      s.synthesis_seconds, spent)
+
+
+def method_source(synth, out: Path, augment: str, autocast) -> StoredSet:
+    """A method's batch source, by its family; `autocast()` is the context synthesis runs in."""
+    if synth.family == "transfer_set":
+        return GrowingSet(synth, out / "transfer_set", augment, autocast)
+    return OnlineBatches(synth, autocast)
