@@ -24,21 +24,25 @@ from dfkd.transfer_set import TransferSet
 PICTURED = 64  # samples of the newest batch kept for the run's samples.png
 
 
-class StoredSet:
-    """A finished transfer set: uniform minibatches, augmented (and then relabelled by the
-    engine) when `--augment` asks."""
+class BatchSource:
+    """What every source answers; the defaults are those of a source without a set."""
 
-    def __init__(self, tset: TransferSet, augment: str):
-        self.tset, self.augment = tset, augment
-        self.last_x: torch.Tensor | None = None
+    augment = "none"  # the augmentation of its batches (the engine relabels augmented ones)
+    last_x: torch.Tensor | None = None  # the newest samples, for the run's samples.png
 
     def round_due(self, state: RunState) -> bool:
+        """Whether a synthesis round is due before the next student step."""
         return False
+
+    def make_round(self, student: Classifier, state: RunState) -> Batch:
+        raise NotImplementedError  # only asked of a source whose rounds fall due
+
+    def keep_round(self, batch: Batch, state: RunState) -> None:
+        raise NotImplementedError
 
     def next_batch(self, student: Classifier, state: RunState, gen: torch.Generator,
                    batch_size: int) -> Batch:
-        state.set_passes += batch_size / len(self.tset)
-        return self.tset.sample(batch_size, gen)
+        raise NotImplementedError
 
     def plan(self, cfg: DistillConfig, budget: Budget, teacher: Classifier,
              student: Classifier, state: RunState) -> str | None:
@@ -47,13 +51,15 @@ class StoredSet:
 
     @property
     def samples(self) -> int | None:
-        return len(self.tset)
+        """The transfer set's size (None: the source has no set)."""
+        return None
 
     @property
     def set_size(self) -> int:
-        return len(self.tset)
+        return 0
 
     def checkpoint_parts(self) -> int:
+        """The set's rounds the checkpoint must keep (0: none of the run's own)."""
         return 0
 
     def resume(self, parts: int) -> None:
@@ -64,6 +70,26 @@ class StoredSet:
 
     def pictured_targets(self) -> torch.Tensor | None:
         return None
+
+
+class StoredSet(BatchSource):
+    """A finished transfer set: uniform minibatches, augmented (and then relabelled by the
+    engine) when `--augment` asks."""
+
+    def __init__(self, tset: TransferSet, augment: str):
+        self.tset, self.augment = tset, augment
+
+    def next_batch(self, student, state, gen, batch_size) -> Batch:
+        state.set_passes += batch_size / len(self.tset)
+        return self.tset.sample(batch_size, gen)
+
+    @property
+    def samples(self) -> int:
+        return len(self.tset)
+
+    @property
+    def set_size(self) -> int:
+        return len(self.tset)
 
 
 class GrowingSet(StoredSet):
@@ -114,11 +140,10 @@ class GrowingSet(StoredSet):
         return targets if targets is not None and (targets >= 0).all() else None
 
 
-class OnlineBatches(StoredSet):
+class OnlineBatches(BatchSource):
     """An online method: a fresh batch for every student step, its making timed as synthesis."""
 
     def __init__(self, synth, autocast):
-        super().__init__(TransferSet(), "none")
         self.synth, self.autocast = synth, autocast
 
     def next_batch(self, student, state, gen, batch_size) -> Batch:
@@ -128,14 +153,6 @@ class OnlineBatches(StoredSet):
         state.synthesis_seconds += time.perf_counter() - t0
         self.last_x = batch["x"][:PICTURED].detach().cpu()
         return batch
-
-    @property
-    def samples(self) -> None:
-        return None
-
-    @property
-    def set_size(self) -> int:
-        return 0
 
 
 def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier,
@@ -192,7 +209,7 @@ class Schedule:
                                       s.synthesis_seconds, spent)
 
 
-def method_source(synth, out: Path, augment: str, autocast) -> StoredSet:
+def method_source(synth, out: Path, augment: str, autocast) -> BatchSource:
     """A method's batch source, by its family; `autocast()` is the context synthesis runs in."""
     if synth.family == "transfer_set":
         return GrowingSet(synth, out / "transfer_set", augment, autocast)
