@@ -54,10 +54,6 @@ class BatchSource:
         """The transfer set's size (None: the source has no set)."""
         return None
 
-    @property
-    def set_size(self) -> int:
-        return 0
-
     def checkpoint_parts(self) -> int:
         """The set's rounds the checkpoint must keep (0: none of the run's own)."""
         return 0
@@ -85,10 +81,6 @@ class StoredSet(BatchSource):
 
     @property
     def samples(self) -> int:
-        return len(self.tset)
-
-    @property
-    def set_size(self) -> int:
         return len(self.tset)
 
 

@@ -206,7 +206,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         if update:
             loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
         else:
-            loss = student_loss(crit, student, x, teacher_logits, batch, gen, source.set_size)
+            loss = student_loss(crit, student, x, teacher_logits, batch, gen, source.samples or 0)
         if not torch.isfinite(loss):
             checkpoint()
             raise DfkdError(f"the student's loss became {loss.item()} at step {state.step}; "
