@@ -95,13 +95,16 @@ GENERATOR = {"batch_size": 16, "nz": 16, "ngf": 8}
 RESUME_OPTIONS.update({m: GENERATOR for m in ("dafl", "zskt", "dfad", "dfq", "mad")})
 RESUME_OPTIONS["rdskd"] = {**GENERATOR, "g_iters": 6, "epoch": 4}
 RESUME_OPTIONS["fast"] = {**GENERATOR, "g_steps": 3, "warmup": 1}
+RESUME_OPTIONS["nayer"] = {"batch_size": 16, "ngf": 8, "g_steps": 3, "warmup": 1, "g_life": 2,
+                           "noise_dim": 16, "embed_dim": 8}
 
 
 @pytest.mark.parametrize("where,method", [
     ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
     ("after_part_written", "mvn"), ("after_part_written", "zskd"),
     *[("after_generator_step", m) for m in ("dafl", "zskt", "dfad", "dfq", "rdskd", "mad")],
-    ("after_part_written", "fast"), ("after_part_written", "cmi"), ("training", "cmi")])
+    ("after_part_written", "fast"), ("after_part_written", "nayer"), ("after_part_written", "cmi"),
+    ("training", "cmi")])
 def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
                                                         where, method):
     _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,

@@ -12,18 +12,21 @@ from dfkd.errors import DfkdError
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis import fast as fast_mod
 from dfkd.synthesis import generative as gm
+from dfkd.synthesis import nayer as nayer_mod
 from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
 
 ONLINE = ["dafl", "zskt", "dfad", "dfq", "rdskd", "mad"]
-ALL = ONLINE + ["fast"]
+ALL = ONLINE + ["fast", "nayer"]
 ADVERSARIAL = ["zskt", "dfad", "dfq", "mad"]
 TINY = {"batch_size": 16, "nz": 16, "ngf": 8}
 EXTRA = {"rdskd": {"g_iters": 4, "epoch": 2}, "fast": {"g_steps": 3, "warmup": 1},
+         "nayer": {"g_steps": 3, "warmup": 1, "noise_dim": 16, "embed_dim": 8, "batch_size": 16},
          "dafl": {"lr_g": 0.01}}
 
 
 def _opts(method, **kw):
-    return {**TINY, **EXTRA.get(method, {}), **kw}
+    tiny = {k: v for k, v in TINY.items() if not (method == "nayer" and k == "nz")}
+    return {**tiny, **EXTRA.get(method, {}), **kw}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,9 @@ def test_batch_is_valid_fresh_and_reproducible(teacher, student, method):
     assert a["seeds"].shape == (16,)
     if method == "fast":
         assert sorted(a["targets"].tolist()) == sorted(list(range(10)) + list(range(6)))
+    elif method == "nayer":
+        assert a["targets"][:10].tolist() == list(range(10))
+        assert len(set(a["targets"][10:].tolist())) == 6
     else:
         assert (a["targets"] == -1).all()
     b = synth.synthesize(student, 1)
@@ -204,6 +210,53 @@ def test_fast_meta_learns_its_generator_and_momentum_statistics(teacher, student
         assert synth.teacher_passes == 16 * (3 + 1)
     with pytest.raises(DfkdError, match="meta must be reptile or fomaml"):
         create_synthesizer("fast", teacher, _opts("fast", meta="maml"), seed=0)
+
+
+def test_nayer_chunks_hold_every_class_once_each_with_its_own_noisy_layer(teacher):
+    gen = torch.Generator().manual_seed(0)
+    y = nayer_mod.chunked_targets(25, 10, gen)
+    assert y[:20].tolist() == list(range(10)) * 2 and len(set(y[20:].tolist())) == 5
+    synth = create_synthesizer("nayer", teacher, _opts("nayer", batch_size=20), seed=0)
+    weight, _ = synth.G.draw_noise(20, gen)
+    y = torch.arange(20) % 10
+    with torch.no_grad():
+        x = synth.G(y)
+        assert not torch.allclose(x[3], x[13])  # class 3 in two chunks: two styles
+        weight[1] = weight[0]
+        x = synth.G(y)
+    assert torch.allclose(x[3], x[13], atol=1e-5)  # the same noisy layer: the same sample
+
+
+def test_nayer_trains_one_generator_redraws_noise_and_rebuilds_every_life(teacher, student):
+    synth = create_synthesizer("nayer", teacher, _opts("nayer", g_life=2), seed=0)
+    first = synth.G
+    before = _params(first)
+    synth.synthesize(student, 0)
+    noise0 = synth.G.noise[0].detach().clone()
+    trained = _params(first)
+    assert not torch.equal(trained, before)  # G learns in round 0 ...
+    synth.synthesize(student, 1)
+    assert synth.G is first and not torch.equal(_params(first), trained)  # ... and goes on
+    assert not torch.allclose(synth.G.noise[0], noise0)  # a new noisy layer every round
+    assert all(h.past is not None for h in synth.bn_hooks)
+    assert synth.teacher_passes == 2 * 16 * (3 + 1)
+    synth.synthesize(student, 2)
+    assert synth.G is not first and synth.built_for == 2  # rebuilt after g_life rounds
+
+
+def test_nayer_embeddings_and_refusals(teacher):
+    synth = create_synthesizer("nayer", teacher, _opts("nayer", embedding="head"), seed=0)
+    head = teacher.net.get_submodule(nayer_mod.head_linear(teacher.net)).weight
+    assert torch.equal(synth.G.embedding, head)
+    rand = create_synthesizer("nayer", teacher, _opts("nayer"), seed=0).G.embedding
+    assert rand.shape == (10, 8)
+    assert torch.equal(rand, create_synthesizer("nayer", teacher, _opts("nayer"), seed=0)
+                       .G.embedding)  # fixed by the seed
+    with pytest.raises(DfkdError, match="embedding must be one of random, head"):
+        create_synthesizer("nayer", teacher, _opts("nayer", embedding="clip"), seed=0)
+    t, _, _ = _mlp_pair()
+    with pytest.raises(DfkdError, match="no BatchNorm layer.*bn_weight=0"):
+        create_synthesizer("nayer", t, _opts("nayer"), seed=0)
 
 
 # ---- the adversarial term, the temperature ---------------------------------------------------

@@ -7,6 +7,7 @@ from dfkd.synthesis import (  # noqa: F401  (registers the methods)
     fast,
     generative,
     mvn,
+    nayer,
     noise,
     real_data,
     zskd,
