@@ -177,6 +177,17 @@ def test_generator_width_defaults_to_16_on_a_cpu(teacher):
     assert create_synthesizer("dfq", teacher, {"batch_size": 4, "ngf": 8}, seed=0).G.ngf == 8
 
 
+def test_fast_and_nayer_take_their_cpu_defaults_on_a_cpu(teacher):
+    fast = create_synthesizer("fast", teacher, {"batch_size": 4}, seed=0)
+    assert fast.opts.ngf == 16
+    nayer = create_synthesizer("nayer", teacher, {"batch_size": 10}, seed=0)
+    assert (nayer.opts.g_steps, nayer.opts.noise_dim, nayer.opts.ngf) == (10, 256, 16)
+    assert nayer.G.noise_dim == 256
+    paper = create_synthesizer("nayer", teacher, {"batch_size": 10, "g_steps": 40, "ngf": 64,
+                                                  "noise_dim": 1000}, seed=0)
+    assert (paper.opts.g_steps, paper.opts.noise_dim, paper.opts.ngf) == (40, 1000, 64)
+
+
 def test_dafl_generator_loss_decreases(teacher):
     synth = create_synthesizer("dafl", teacher, _opts("dafl", batch_size=64), seed=0)
     losses = [synth.generator_step(None, synth.generator(i)).item() for i in range(30)]

@@ -179,6 +179,15 @@ def parse_options(cls: type[Synthesizer], given: dict[str, object]) -> object:
     return build_options(cls.Options, given, f"method '{cls.name}'")
 
 
+def device_default(value, gpu, cpu, device: torch.device):
+    """An option's value, where 0 means "by device": the paper's `gpu` value on a GPU, the `cpu`
+    value elsewhere (where the papers' setting spends the budget on the generator, not the
+    teacher: benchmarks/cost_breakdown.py, BENCHMARKS.md "Where a CIFAR second goes")."""
+    if value:
+        return value
+    return gpu if device.type == "cuda" else cpu
+
+
 def build_options(options_cls: type, given: dict[str, object], owner: str) -> object:
     """An Options dataclass from `key=value` strings or values: unknown names and values of the
     wrong type are one-line errors naming `owner` (e.g. "student loss 'fa'")."""

@@ -15,6 +15,10 @@ lr_g * g_steps as the reference. BN_momentum matches the teacher's running stati
 momentum average (0.9) of the current batch's statistics and those of past rounds, so one batch
 need not carry the whole data distribution. The adversarial term starts after `warmup` rounds.
 
+On a CPU, G is 16 channels wide instead of the reference's 64 (`ngf` = 0 resolves by device):
+at 64 a generator step costs several teacher passes there (BENCHMARKS.md "Where a CIFAR second
+goes").
+
 Family "transfer_set": one round is one batch, the engine stores it, and the student trains on
 the whole pool (as the reference code trains the student on its data pool). tau is the run's
 temperature (`self.temperature`, the student's KD temperature; the reference's adversarial
@@ -37,6 +41,7 @@ from dfkd.synthesis.base import (
     Options,
     Synthesizer,
     balanced_targets,
+    device_default,
     register_method,
     student_as_judge,
 )
@@ -117,7 +122,8 @@ class FastOptions(Options):
     bn_momentum: float = 0.9  # momentum of the BN statistics across rounds (paper: 0.9)
     warmup: int = 20  # rounds before the adversarial term starts (reference: 20)
     nz: int = 256  # latent size (reference: 256)
-    ngf: int = 64  # generator width
+    ngf: int = 0  # generator width; 0 = 64 (the reference's) on a GPU, 16 on a CPU, where G at 64
+    # costs several teacher passes per step (BENCHMARKS.md "Where a CIFAR second goes")
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     jitter: int = -1  # random roll in pixels per inner step (-1: 1/16 of the side, like the
     # reference's 4-pixel crop padding on 32 px; 0: off)
@@ -136,6 +142,7 @@ class Fast(Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         o = options
+        o.ngf = device_default(o.ngf, 64, 16, self.device)
         if o.meta not in ("reptile", "fomaml"):
             raise DfkdError(f"meta must be reptile or fomaml, got '{o.meta}'")
         for key in ("batch_size", "g_steps", "nz", "ngf", "lr_g", "lr_z"):

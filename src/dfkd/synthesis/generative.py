@@ -55,7 +55,7 @@ from dfkd.feature_space import head_linear
 from dfkd.hooks import FeatureHook, bn_layers, bn_stats_hooks, get_module
 from dfkd.losses import kd_loss
 from dfkd.models import create_model, is_registered, list_models
-from dfkd.synthesis.base import Options, Synthesizer, register_method
+from dfkd.synthesis.base import Options, Synthesizer, device_default, register_method
 
 # ---- G objectives: pure functions of the teacher's (and student's) outputs --------------------
 
@@ -188,8 +188,7 @@ class GeneratorMethod(Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         o = options
-        if o.ngf == 0:
-            o.ngf = 64 if self.device.type == "cuda" else 16
+        o.ngf = device_default(o.ngf, 64, 16, self.device)
         _positive(batch_size=o.batch_size, nz=o.nz, ngf=o.ngf, lr_g=o.lr_g, g_every=o.g_every)
         if o.batch_size < 2:
             raise DfkdError(f"batch_size must be at least 2 (batch statistics), got "

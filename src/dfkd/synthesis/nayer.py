@@ -21,6 +21,11 @@ encoder. dfkd has no CLIP and no class names, so `embedding=random` (the default
 Gaussian vector per class from the run's seed; `embedding=head` uses the rows of the teacher's
 classifier head (classes the teacher finds alike get alike inputs).
 
+On a CPU three defaults depart from the reference (an option set to 0 resolves by device, the
+reference's value on a GPU): 10 steps per round instead of 40, G 16 channels wide instead of 64
+and a noisy layer of 256 outputs instead of 1000. At the reference's settings a CPU spends most
+of a round in the generator, not the teacher (BENCHMARKS.md "Where a CIFAR second goes").
+
 Other departures from the reference code, by necessity of a budgeted engine:
 - G is the toolkit's generator (generators.py), writing the teacher's normalized input space
   (the reference ends in a sigmoid and normalizes); the stored images are clamped to [0, 1].
@@ -47,7 +52,13 @@ from dfkd.augment import random_roll
 from dfkd.errors import DfkdError
 from dfkd.feature_space import head_linear
 from dfkd.hooks import bn_layers, get_module
-from dfkd.synthesis.base import Options, Synthesizer, register_method, student_as_judge
+from dfkd.synthesis.base import (
+    Options,
+    Synthesizer,
+    device_default,
+    register_method,
+    student_as_judge,
+)
 from dfkd.synthesis.deepinversion import flip_choice
 from dfkd.synthesis.fast import MomentumBNHook, fast_loss
 from dfkd.synthesis.generative import build_generator
@@ -58,7 +69,7 @@ EMBEDDINGS = ("random", "head")
 @dataclass
 class NayerOptions(Options):
     batch_size: int = 400  # samples per round (reference: 400)
-    g_steps: int = 40  # Adam steps per round (reference, CIFAR: 40)
+    g_steps: int = 0  # Adam steps per round; 0 = 40 (the reference's, CIFAR) on a GPU, 10 on a CPU
     lr_g: float = 4e-3  # Adam lr of G and the noisy layers, betas 0.5/0.999 (reference: 4e-3)
     bn_weight: float = 10.0  # BN-statistics prior (reference: 10)
     oh_weight: float = 0.5  # CE to the intended class (reference: 0.5)
@@ -69,8 +80,9 @@ class NayerOptions(Options):
     embedding: str = "random"  # random: a fixed Gaussian vector per class | head: the rows of
     # the teacher's classifier head (the paper: CLIP text embeddings of the class names)
     embed_dim: int = 512  # size of a random embedding (CLIP's: 512)
-    noise_dim: int = 1000  # output size of the noisy layer, G's input (reference: 1000)
-    ngf: int = 64  # generator width (reference: 64)
+    noise_dim: int = 0  # output size of the noisy layer, G's input; 0 = 1000 (the reference's)
+    # on a GPU, 256 on a CPU
+    ngf: int = 0  # generator width; 0 = 64 (the reference's) on a GPU, 16 on a CPU
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     jitter: int = -1  # random shift in pixels per step (-1: 1/8 of the side, the reference's
     # 4-pixel crop padding on 32 px; 0: off)
@@ -127,6 +139,9 @@ class Nayer(Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         o = options
+        o.g_steps = device_default(o.g_steps, 40, 10, self.device)
+        o.noise_dim = device_default(o.noise_dim, 1000, 256, self.device)
+        o.ngf = device_default(o.ngf, 64, 16, self.device)
         for key in ("batch_size", "g_steps", "lr_g", "g_life", "embed_dim", "noise_dim", "ngf"):
             if getattr(o, key) <= 0:
                 raise DfkdError(f"{key} must be positive, got {getattr(o, key)}")

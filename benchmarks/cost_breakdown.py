@@ -1,0 +1,74 @@
+"""Where a second goes on this machine: per-image cost of each pass a DFKD run makes.
+
+Times, at one batch size, the passes that make up synthesis and student training for a teacher
+and student pair (the published CIFAR-10 ResNet-20 -> resnet8a by default):
+teacher forward without gradients (labelling, relabelling), teacher forward and backward to the
+input (an inversion step), student forward and backward (a student step without the teacher),
+and a generator's forward and backward at two widths (the generator methods' extra work).
+
+    python benchmarks/cost_breakdown.py --teacher ../shared/models/cifar10/resnet20-12fca82f.th
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dfkd.synthesis.generative import build_generator
+from dfkd.teacher import load_classifier, new_classifier
+
+
+def per_image_ms(fn, batch: int, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - start) / repeats / batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--arch", default="resnet20a")
+    p.add_argument("--student", default="resnet8a")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    teacher = load_classifier(a.teacher, arch=a.arch, mean=(0.485, 0.456, 0.406),
+                              std=(0.229, 0.224, 0.225)).eval()
+    student = new_classifier(a.student, teacher.spec).train()
+    x = torch.rand((a.batch, *teacher.spec.shape))
+
+    def relabel():
+        with torch.no_grad():
+            teacher(x)
+
+    def invert():
+        xi = x.clone().requires_grad_(True)
+        teacher(xi).logsumexp(1).sum().backward()
+
+    def student_step():
+        student.zero_grad()
+        student(x).logsumexp(1).sum().backward()
+
+    rows = [("teacher forward, no grad (label / relabel)", relabel),
+            ("teacher forward + backward to input (one inversion step)", invert),
+            ("student forward + backward (one student step, teacher excluded)", student_step)]
+    for ngf in (64, 16):
+        g = build_generator(teacher, "", 256, ngf, 0)
+        z = torch.randn(a.batch, 256)
+
+        def gen_step(g=g, z=z):
+            g.zero_grad()
+            g(z).sum().backward()
+
+        rows.append((f"generator forward + backward (ngf {ngf}, nz 256)", gen_step))
+    print(f"threads {torch.get_num_threads()}, batch {a.batch}, ms per image:")
+    for name, fn in rows:
+        print(f"  {per_image_ms(fn, a.batch, a.repeats):7.3f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
