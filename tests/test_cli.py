@@ -27,6 +27,10 @@ def test_methods_and_models_are_listed(capsys):
               line.split()[0].endswith("*")]
     assert marked == [f"{DistillConfig.method}*"]  # the one default, marked
     assert "lra" in out and "update" in out
+    table = _ok(capsys, "methods", "--markdown").splitlines()
+    assert table[0] == "| method | family | what it does |"
+    assert [r for r in table if "(default)" in r] == [
+        next(r for r in table if r.startswith(f"| `{DistillConfig.method}`"))]
     out = _ok(capsys, "models")
     assert "lenet5_half" in out and "generator_32" in out
 

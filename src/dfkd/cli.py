@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=None, help="default 40")
     p.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("methods", help="list the synthesis methods")
+    p = sub.add_parser("methods", help="list the synthesis methods")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
     sub.add_parser("models", help="list the model zoo")
 
     p = sub.add_parser("train-teacher", help="train a teacher with supervision")
@@ -309,8 +310,11 @@ def run(argv: list[str]) -> int:
     elif args.command == "methods":
         from dfkd.config import DistillConfig
         from dfkd.student_update import LRAOptions
-        from dfkd.synthesis import list_methods, method_class
+        from dfkd.synthesis import list_methods, method_class, methods_markdown
 
+        if args.markdown:
+            print(methods_markdown(DistillConfig.method), end="")
+            return 0
         for name, doc in list_methods(anchors=True).items():
             mark = "*" if name == DistillConfig.method else " "
             print(f"{name + mark:<13} {method_class(name).family:<13} {doc}")

@@ -118,7 +118,7 @@ class DistillConfig:
     # schedule's
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
     # how the teacher runs (dfkd.accel): bf16 autocast, channels_last, torch.compile. They speed
-    # up a GPU; on the 2-core CPU here none pays for LeNet-5 (README, "Devices")
+    # up a GPU; on the 2-core CPU here none pays for LeNet-5 (docs/teachers.md, "Devices")
     precision: str = "fp32"  # fp32 | bf16 (autocast of synthesis and the teacher's relabelling)
     channels_last: bool = False
     compile: bool = False

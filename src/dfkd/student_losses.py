@@ -266,7 +266,7 @@ class AT(StudentLoss):
 @dataclass
 class FAOptions:
     weight: float = 10.0  # lambda in KD + lambda * FA (FAQD's value unverified; 10: measured
-    # on digits, README)
+    # on digits, docs/distill.md)
     layers: str = ""  # "" = matched by stage; or TEACHER_PATH:STUDENT_PATH,...
     mode: str = "exact"  # exact: the n x n matrices (cheap at batch 256) | fast: sketch estimate
     probes: int = 32  # Gaussian probes of the fast estimate (its variance falls as 1/probes)

@@ -18,8 +18,9 @@ from dfkd.synthesis.base import (
     create_synthesizer,
     list_methods,
     method_class,
+    methods_markdown,
     parse_options,
 )
 
 __all__ = ["Batch", "Synthesizer", "create_synthesizer", "list_methods", "method_class",
-           "parse_options"]
+           "methods_markdown", "parse_options"]

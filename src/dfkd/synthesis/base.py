@@ -168,6 +168,17 @@ def list_methods(anchors: bool = False) -> dict[str, str]:
             if anchors or not c.uses_real_data}
 
 
+def methods_markdown(default: str) -> str:
+    """The README's table of methods, built from the registry: every method and anchor."""
+    rows = ["| method | family | what it does |", "|---|---|---|"]
+    for name, doc in list_methods(anchors=True).items():
+        cls = _METHODS[name]
+        family = "anchor (real data)" if cls.uses_real_data else cls.family.replace("_", " ")
+        mark = " (default)" if name == default else ""
+        rows.append(f"| `{name}`{mark} | {family} | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
 def method_class(name: str) -> type[Synthesizer]:
     if name not in _METHODS:
         raise DfkdError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_METHODS))}")

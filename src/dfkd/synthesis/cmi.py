@@ -64,7 +64,7 @@ class CMIOptions(Options):
     samples_per_class: int = 0  # transfer-set size per class, then synthesis stops (0: the set
     # grows for the whole budget)
     steps: int = 20  # Adam steps per round. Paper: 200 on a GPU; on a 2-core CPU a round of 200
-    # outlasts a 60 s budget, and 10/20/50 gave 96.4/97.1/96.4% on digits (README, cmi)
+    # outlasts a 60 s budget, and 10/20/50 gave 96.4/97.1/96.4% on digits (docs/methods.md, cmi)
     lr: float = 1e-3  # Adam learning rate of G, z and the head, betas 0.5/0.999 (paper: 1e-3)
     nz: int = 256  # latent size of G (paper code: 256)
     ngf: int = 64  # width of G (paper code: 64; 32 is 1.3x cheaper per step on CPU, within

@@ -169,7 +169,7 @@ class GeneratorOptions(Options):
     batch_size: int = 256  # samples per student step
     nz: int = 100  # latent size
     ngf: int = 0  # generator width; 0 = 64 (the papers') on a GPU, 16 on a CPU, where G at 64
-    # costs more than the teacher and starves the student of steps (README, measured on digits)
+    # costs more than the teacher and starves the student (docs/methods.md, measured on digits)
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     lr_g: float = 1e-3  # Adam learning rate of G
     g_every: int = 1  # one G step every this many student steps
