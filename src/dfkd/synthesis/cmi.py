@@ -64,11 +64,11 @@ class CMIOptions(Options):
     samples_per_class: int = 0  # transfer-set size per class, then synthesis stops (0: the set
     # grows for the whole budget)
     steps: int = 20  # Adam steps per round. Paper: 200 on a GPU; on a 2-core CPU a round of 200
-    # outlasts a 60 s budget, and 10/20/50 gave 96.4/97.1/96.4% on digits (docs/methods.md, cmi)
+    # outlasts a 60 s budget, and 20 was the best of 10/20/50 on digits (docs/methods.md, cmi)
     lr: float = 1e-3  # Adam learning rate of G, z and the head, betas 0.5/0.999 (paper: 1e-3)
     nz: int = 256  # latent size of G (paper code: 256)
-    ngf: int = 64  # width of G (paper code: 64; 32 is 1.3x cheaper per step on CPU, within
-    # 0.5 points on digits)
+    ngf: int = 64  # width of G (paper code: 64; 32 is cheaper per step on a CPU, and no better
+    # on digits)
     bn_weight: float = 1.0  # bn, BatchNorm-statistics prior (paper: 1)
     oh_weight: float = 0.5  # oh, cross-entropy to the round's classes (paper: 0.5-1)
     adv_weight: float = 0.5  # adv, masked adversarial term (paper: 0.5; 0 = off)

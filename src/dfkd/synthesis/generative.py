@@ -23,13 +23,12 @@ Two defaults depart from the papers (other than DFQ's), both measured on the dig
 60-second CPU budget, seed 0 (BENCHMARKS.md, "The method zoo on digits"):
 - `bn_weight` = 1: every G objective gets DeepInversion's BatchNorm-statistics prior, as DFQ's
   has. Without it the teacher's labels on G's batches collapse onto 2-3 classes within a few
-  hundred steps and the students of dfad, mad, zskt, dafl and rdskd stay at 17-69%; with it they
-  reach 65-96% (Adam) and 94-99.6% (with the optimizer below). `bn_weight=0` is the paper's
-  loss. A teacher without BatchNorm turns the prior off (`bn_prior` false in the report), except
-  for DFQ, whose loss it is: that is an error.
+  hundred steps and every adversarial method's student trails far behind. `bn_weight=0` is the
+  paper's loss. A teacher without BatchNorm turns the prior off (`bn_prior` false in the
+  report), except for DFQ, whose loss it is: that is an error.
 - The student trains with SGD at lr 0.1 (Nesterov momentum 0.9; DFAD's reference uses SGD at 0.1
   on CIFAR), now the engine's default for every method, instead of Adam at 1e-3, whose students
-  of these methods trailed by 4-32 points on digits. `--optimizer` and `--lr` override it.
+  of these methods trailed on digits. `--optimizer` and `--lr` override it.
 
 The objectives see G's raw output, as in the papers; the student sees the clamped pixels. The
 teacher stays in eval mode. The student runs in train mode in an adversarial objective (batch

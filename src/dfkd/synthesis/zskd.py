@@ -34,7 +34,7 @@ class ZSKDOptions(Options):
     samples_per_class: int = 0  # impressions per class, then synthesis stops (paper, MNIST:
     # 2400, i.e. 24,000 in all; 0: the set grows for the whole budget)
     steps: int = 200  # Adam steps per round (paper: 1500; at a CPU budget 200 gives a far
-    # better student: digits 60 s, 94.0% against 54.7%, BENCHMARKS "The method zoo on digits")
+    # better student: BENCHMARKS.md "The method zoo on digits")
     lr: float = 0.01  # Adam learning rate on normalized pixels (paper: 1e-3 on its scale)
     temperature: float = 20.0  # tau of the matching loss and of the student's KD (paper: 20)
     beta_high: float = 1.0  # Dirichlet scale for the first half of each batch (paper: 1.0)
