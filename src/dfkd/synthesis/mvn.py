@@ -25,12 +25,12 @@ every such choice is an option with its default documented here and in METHODS.m
 
 Departure from the paper, by evidence (BENCHMARKS.md, the mvn ablation): the paper's loss alone
 gives inputs the teacher labels as asked but that teach a student far less than with image
-priors, so by default the DeepInversion priors are
-added: the BatchNorm-statistics term, a total-variation term and random jitter. The BN weight is
-1, not DeepInversion's 10: at 10 the prior drowns the soft-target term (the teacher's argmax on
-x agrees with the drawn class far less often), for no gain in the student. `bn_weight=0
-tv_weight=0 view=none` is the paper's loss. A teacher without BatchNorm runs without the BN term
-(`bn_prior: false` in the report) instead of failing.
+priors, so by default the DeepInversion priors are added: the BatchNorm-statistics term, a
+total-variation term and random jitter. The BN weight is 1, not DeepInversion's 10: at 10 the
+prior drowns the soft-target term (the teacher's argmax on x agrees with the drawn class far
+less often), for no gain in the student. `bn_weight=0 tv_weight=0 view=none` is the paper's
+loss. A teacher without BatchNorm runs without the BN term (`bn_prior: false` in the report)
+instead of failing.
 
 `view=affine` (each step the teacher sees every sample rotated, scaled and shifted on its own,
 not one roll of the whole batch) makes smooth, centred strokes instead of high-frequency
