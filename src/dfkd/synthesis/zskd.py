@@ -98,14 +98,6 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr)
-        for _ in range(o.steps):
-            if self.should_stop():
-                break
-            opt.zero_grad(set_to_none=True)
-            soft_target_loss(t.net(z), target, o.temperature).backward()
-            opt.step()
-            self.clamp_to_image_(z)
-            self.teacher_passes += o.batch_size
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
+        self.invert(z, opt, o.steps, lambda: soft_target_loss(t.net(z), target, o.temperature),
+                    o.batch_size)
+        return self.inverted_batch(index, z, y)
