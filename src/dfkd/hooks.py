@@ -23,6 +23,15 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     raise DfkdError(f"no module '{path}' in {type(model).__name__}; candidates: {', '.join(close)}")
 
 
+def head_path(net: nn.Module, why: str) -> str:
+    """Path of the last nn.Linear: the classifier head of every zoo model and most others. A
+    network without one is a one-line error that ends with `why` (what to do instead)."""
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise DfkdError(f"{type(net).__name__} has no nn.Linear; {why}")
+    return names[-1]
+
+
 class FeatureHook:
     """Keeps the input or output of one module from the last forward pass."""
 

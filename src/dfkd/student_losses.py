@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BN_TYPES, FeatureHook, get_module
+from dfkd.hooks import BN_TYPES, FeatureHook, get_module, head_path
 from dfkd.losses import (
     attention_transfer_loss,
     fast_feature_affinity_loss,
@@ -401,12 +401,8 @@ class CRD(StudentLoss):
 
 
 def _head(model: Classifier, role: str) -> str:
-    names = [n for n, m in model.net.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise DfkdError(f"student loss 'crd' embeds the input of the classifier head, but the "
-                        f"{role} ({model.arch}) has no nn.Linear; name the layers with "
-                        "--loss-set layers=TEACHER_PATH:STUDENT_PATH")
-    return names[-1]
+    return head_path(model.net, "name the layers with --loss-set layers=TEACHER_PATH:STUDENT_PATH"
+                     f" (student loss 'crd' embeds the input of the {role}'s classifier head)")
 
 
 def _check(ok: bool, message: str) -> None:
