@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BN_TYPES, get_module, head_path
+from dfkd.hooks import BN_TYPES, dummy_forward, get_module, head_path
 
 MAX_DIM = 4096  # a full covariance of a larger space costs more than it can be estimated from
 
@@ -37,11 +37,7 @@ class FeatureSpace:
             self._handle = self.module.register_forward_pre_hook(self._pre_hook)
         else:
             self._handle = self.module.register_forward_hook(self._post_hook)
-        with torch.no_grad():
-            was_training = net.training
-            net.eval()
-            net(torch.zeros((2, *self.input_shape), device=self.device))
-            net.train(was_training)
+        dummy_forward(net, self.input_shape, self.device)
         self.shape = tuple(self.value.shape[1:])
         self.dim = int(torch.tensor(self.shape).prod())
         if self.dim > MAX_DIM:
