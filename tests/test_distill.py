@@ -11,9 +11,10 @@ from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl
 from dfkd.models import default_student
 from dfkd.report import REQUIRED_KEYS
-from dfkd.synthesis import method_class
+from dfkd.synthesis import list_methods, method_class
 from dfkd.synthesize import SynthesizeConfig, synthesize_set
 from dfkd.transfer_set import TransferSet
+from method_sizes import small_options
 
 CONTRACT_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "samples.png",
                   "curves.png", "student.safetensors", "checkpoint.pt")
@@ -87,45 +88,42 @@ def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
 
 
-RESUME_OPTIONS = {"deepinv": {"batch_size": 32, "steps": 4}, "noise": {"batch_size": 16},
-                  "mvn": {"batch_size": 20, "steps": 4, "center_steps": 5, "bootstrap_size": 32},
-                  "zskd": {"batch_size": 20, "steps": 4},
-                  "cmi": {"batch_size": 20, "steps": 4, "nz": 16, "ngf": 8, "negatives": 16}}
-GENERATOR = {"batch_size": 16, "nz": 16, "ngf": 8}
-RESUME_OPTIONS.update({m: GENERATOR for m in ("dafl", "zskt", "dfad", "dfq", "mad")})
-RESUME_OPTIONS["rdskd"] = {**GENERATOR, "g_iters": 6, "epoch": 4}
-RESUME_OPTIONS["fast"] = {**GENERATOR, "g_steps": 3, "warmup": 1}
-RESUME_OPTIONS["nayer"] = {"batch_size": 16, "ngf": 8, "g_steps": 3, "warmup": 1, "g_life": 2,
-                           "noise_dim": 16, "embed_dim": 8}
+REGISTRY = sorted(list_methods(anchors=True))
 
 
-@pytest.mark.parametrize("where,method", [
-    ("training", "deepinv"), ("after_part_written", "deepinv"), ("online", "noise"),
-    ("after_part_written", "mvn"), ("after_part_written", "zskd"),
-    *[("after_generator_step", m) for m in ("dafl", "zskt", "dfad", "dfq", "rdskd", "mad")],
-    ("after_part_written", "fast"), ("after_part_written", "nayer"), ("after_part_written", "cmi"),
-    ("training", "cmi")])
-def test_killed_run_resumes_to_the_uninterrupted_result(digits_teacher, tmp_path, monkeypatch,
-                                                        where, method):
+@pytest.mark.parametrize("method", REGISTRY)
+def test_every_method_resumes_a_killed_run_to_the_uninterrupted_result(digits_teacher, tmp_path,
+                                                                       monkeypatch, method):
+    """Killed after its second stored part (transfer-set methods) or right after its 21st
+    batch, with no checkpoint holding that batch's effect yet (online methods)."""
+    family = method_class(method).family
+    where = "after_part_written" if family == "transfer_set" else "after_online_batch"
     _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,
-                            method_options=RESUME_OPTIONS[method])
+                            method_options=small_options(method))
+
+
+@pytest.mark.parametrize("method", ["deepinv", "cmi", "noise"])
+def test_killed_run_resumes_exactly_from_inside_training(digits_teacher, tmp_path, monkeypatch,
+                                                         method):
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "training", method=method,
+                            method_options=small_options(method))
 
 
 @pytest.mark.parametrize("where,method,loss", [
     ("training", "deepinv", "crd"), ("after_part_written", "deepinv", "crd"),
-    ("training", "deepinv", "at"), ("online", "noise", "at")])
+    ("training", "deepinv", "at"), ("training", "noise", "at")])
 def test_killed_run_resumes_exactly_with_every_student_loss(digits_teacher, tmp_path,
                                                             monkeypatch, where, method, loss):
     """CRD's memory and heads, and the RNG draws of its negatives, resume with the student."""
     _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method=method,
-                            method_options=RESUME_OPTIONS[method], loss=loss)
+                            method_options=small_options(method), loss=loss)
 
 
 def test_killed_run_resumes_exactly_with_lra(digits_teacher, tmp_path, monkeypatch):
     """LRA's replay memory and ring position resume with the student (pushes at steps 4, 9,
     14, 19: the memory is in use when the run dies at step 20)."""
-    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "after_generator_step",
-                            method="dfad", method_options=GENERATOR, update="lra",
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "after_online_batch",
+                            method="dfad", method_options=small_options("dfad"), update="lra",
                             update_options={"every": 5, "memory": 3})
 
 
@@ -146,9 +144,9 @@ def _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, **kw):
                 raise Killed
 
         monkeypatch.setattr(TransferSet, "append", append_then_die)
-    elif where == "after_generator_step":
-        # step 20 updates G in every schedule (RDSKD's G is frozen by then), and no checkpoint
-        # holds that update yet
+    elif where == "after_online_batch":
+        # batch 20 exists in every online schedule (and updates G in every generator method's;
+        # RDSKD's G is frozen by then), and no checkpoint holds its effect yet
         cls = method_class(kw["method"])
         original = cls.synthesize
 
@@ -203,7 +201,7 @@ def test_resuming_a_finished_run_reports_the_same(digits_teacher, tmp_path):
     ("noise", {"lr": 0.02}, ("sgd", 0.02))])
 def test_student_optimizer_is_sgd_unless_given(digits_teacher, tmp_path, method, flags, recipe):
     report = distill(_cfg(digits_teacher, tmp_path / "r", method=method, budget="2steps",
-                          method_options=GENERATOR if method == "dfad" else {"batch_size": 16},
+                          method_options=small_options(method),
                           **flags), progress=False)
     assert (report["optimizer"], report["lr"]) == recipe
 

@@ -257,7 +257,7 @@ def test_nayer_trains_one_generator_redraws_noise_and_rebuilds_every_life(teache
 
 def test_nayer_embeddings_and_refusals(teacher):
     synth = create_synthesizer("nayer", teacher, _opts("nayer", embedding="head"), seed=0)
-    head = teacher.net.get_submodule(nayer_mod.head_linear(teacher.net)).weight
+    head = teacher.net.get_submodule(nayer_mod.head_path(teacher.net, "")).weight
     assert torch.equal(synth.G.embedding, head)
     rand = create_synthesizer("nayer", teacher, _opts("nayer"), seed=0).G.embedding
     assert rand.shape == (10, 8)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.feature_space import FeatureSpace, head_linear
+from dfkd.feature_space import FeatureSpace
+from dfkd.hooks import head_path
 from dfkd.losses import soft_target_loss
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.base import balanced_targets
@@ -50,7 +51,7 @@ def test_default_space_is_the_head_input_and_rest_is_the_head(make, dim):
     teacher = make()
     space = FeatureSpace(teacher.net, teacher.spec.shape)
     assert space.dim == dim and space.capture == "input"
-    head = dict(teacher.net.named_modules())[head_linear(teacher.net)]
+    head = dict(teacher.net.named_modules())[head_path(teacher.net, "")]
     h = torch.rand(5, dim)
     torch.testing.assert_close(space.rest(h), head(h))
     x = torch.randn(3, *teacher.spec.shape)

@@ -12,7 +12,6 @@ from dfkd import __version__
 from dfkd.errors import DfkdError
 
 S = argparse.SUPPRESS  # options left out keep the config's (or --config file's) value
-ACCEL_FLAGS = ("precision", "channels_last", "compile")  # how the teacher runs (dfkd.accel)
 
 
 def _floats(text: str) -> list[float]:
@@ -82,6 +81,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from dfkd.config import AUGMENTATIONS, SCHEDULES, STUDENT_INITS
     from dfkd.data import DATASETS
+    from dfkd.student_update import UPDATES
     from dfkd.suites import SUITE_NAMES
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-set", dest="loss_options", type=_key_value, action="append",
                    default=S, metavar="KEY=VALUE",
                    help="a student-loss option, e.g. --loss-set weight=100 (repeatable)")
-    p.add_argument("--update", choices=("plain", "lra"), default=S,
+    p.add_argument("--update", choices=UPDATES, default=S,
                    help="student update of an online method: plain optimizer step (default) or "
                    "lra (meta step on the new batch + replay memory of past ones)")
     p.add_argument("--update-set", dest="update_options", type=_key_value, action="append",
@@ -284,8 +284,10 @@ def _config(cls, args, flags: dict):
     return dataclasses.replace(cfg, **flags)
 
 
-def _flags(args, names) -> dict:
-    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+def _flags(args, cls) -> dict:
+    """The options the user gave that are fields of the config dataclass `cls`: a flag's dest is
+    its field's name, and a flag left out is absent (SUPPRESS), so no list repeats the names."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 def _with_teacher(args, flags: dict) -> dict:
@@ -309,7 +311,7 @@ def run(argv: list[str]) -> int:
         quickstart(args.out, args.budget, args.seed, progress, args.teacher_epochs)
     elif args.command == "methods":
         from dfkd.config import DistillConfig
-        from dfkd.student_update import LRAOptions
+        from dfkd.student_update import LRA
         from dfkd.synthesis import list_methods, method_class, methods_markdown
 
         if args.markdown:
@@ -318,10 +320,8 @@ def run(argv: list[str]) -> int:
         for name, doc in list_methods(anchors=True).items():
             mark = "*" if name == DistillConfig.method else " "
             print(f"{name + mark:<13} {method_class(name).family:<13} {doc}")
-        print(f"{'lra':<13} {'update':<13} a student update for any online method (--update lra; "
-              "bench: METHOD+lra): meta step on the new batch, replay memory of "
-              f"{LRAOptions.memory} past batches. "
-              "Patel et al., CVPR 2023")
+        print(f"{LRA.name:<13} {'update':<13} {LRA.__doc__.splitlines()[0]} For any online "
+              f"method: --update {LRA.name} (bench: METHOD+{LRA.name}).")
         print("\n(*: the default of `dfkd distill`; `dfkd bench --methods default` selects it)")
     elif args.command == "models":
         from dfkd.models import list_families, list_models
@@ -332,9 +332,7 @@ def run(argv: list[str]) -> int:
     elif args.command == "train-teacher":
         from dfkd.train import TeacherConfig, train_teacher
 
-        cfg = _config(TeacherConfig, args, _flags(args, (
-            "dataset", "model", "out", "data_root", "epochs", "batch_size", "lr", "optimizer",
-            "input_shape", "seed", "device")))
+        cfg = _config(TeacherConfig, args, _flags(args, TeacherConfig))
         report = train_teacher(cfg, resume=args.resume, progress=progress, command=command)
         print(f"teacher {report['model']} on {report['dataset']}: test accuracy "
               f"{100 * report['test_acc']:.2f}% -> {cfg.out}")
@@ -342,31 +340,21 @@ def run(argv: list[str]) -> int:
         from dfkd.config import DistillConfig
         from dfkd.distill import distill
 
-        flags = _flags(args, ("method", "student", "student_init", "out", "budget",
-                              "eval_dataset", "data_root",
-                              "transfer_set", "temperature", "loss", "update", "batch_size",
-                              "optimizer",
-                              "lr", "augment",
-                              "schedule", "steps_per_round", "eval_points", "seed", "device",
-                              *ACCEL_FLAGS))
-        cfg = _config(DistillConfig, args, _with_teacher(args, flags))
+        cfg = _config(DistillConfig, args, _with_teacher(args, _flags(args, DistillConfig)))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
               f"{_pct(r['teacher_acc'])}) -> {cfg.out}")
     elif args.command == "synthesize":
         from dfkd.synthesize import SynthesizeConfig, synthesize_set
 
-        flags = _flags(args, ("method", "num", "out", "seed", "device", *ACCEL_FLAGS))
-        cfg = _config(SynthesizeConfig, args, _with_teacher(args, flags))
+        cfg = _config(SynthesizeConfig, args, _with_teacher(args, _flags(args, SynthesizeConfig)))
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")
     elif args.command == "quantize":
         from dfkd.quantize import QuantizeConfig, quantize
 
-        flags = _flags(args, ("calibration", "scheme", "finetune", "finetune_steps",
-                              "finetune_lr", "calibration_size", "extra_teachers", "eval_dataset",
-                              "data_root", "out", "latency_batch", "compile", "seed", "device"))
+        flags = _flags(args, QuantizeConfig)
         flags["model"] = _teacher_args(args, "model")
         if hasattr(args, "method_options"):
             flags["method_options"] = dict(args.method_options)
@@ -379,10 +367,7 @@ def run(argv: list[str]) -> int:
         from dfkd.fed.run import federate
         from dfkd.fed.task import FedConfig
 
-        flags = _flags(args, ("dataset", "data_root", "model", "clients", "alpha", "algos",
-                              "rounds", "fraction", "seeds", "local_steps", "batch_size", "lr",
-                              "momentum", "superlink", "out"))
-        cfg = _config(FedConfig, args, flags)
+        cfg = _config(FedConfig, args, _flags(args, FedConfig))
         r = federate(cfg, progress=progress, command=command)
         print(", ".join(f"{a} {100 * v['acc_mean']:.2f}%" for a, v in r["summary"].items())
               + f" -> {cfg.out}")
@@ -399,23 +384,16 @@ def _pct(v) -> str:
 
 def _bench(args, progress: bool, command: str) -> None:
     if args.suite == "throughput":
-        from pathlib import Path
+        from dfkd.throughput import run_throughput, throughput_markdown
 
-        from dfkd.io import write_json
-        from dfkd.machine import machine_info
-        from dfkd.throughput import run_throughput
-
-        out = Path(getattr(args, "out", "runs/throughput"))
-        write_json(out / "machine.json", machine_info())
-        run_throughput(out, steps=args.steps, batch_size=args.batch_size, compile=args.compile,
-                       progress=progress)
-        print((out / "throughput.md").read_text())
+        records = run_throughput(getattr(args, "out", "runs/throughput"), steps=args.steps,
+                                 batch_size=args.batch_size, compile=args.compile,
+                                 progress=progress)
+        print(throughput_markdown(records))
         return
     from dfkd.bench import BenchConfig, run_bench
 
-    flags = _flags(args, ("suite", "methods", "budget", "seeds", "out", "data_root",
-                          "teacher_epochs", "teacher_cache", "models_root", "eval_points",
-                          "device", "loss", "student_init", "schedule"))
+    flags = _flags(args, BenchConfig)
     if hasattr(args, "method_options"):
         bad = [k for k, _ in args.method_options if "." not in k]
         if bad:

@@ -11,6 +11,7 @@ import torch
 
 from dfkd.data import ImageDataset, fit_to_input, load_dataset
 from dfkd.errors import DfkdError
+from dfkd.hooks import eval_mode
 from dfkd.teacher import Classifier
 
 
@@ -38,13 +39,10 @@ def load_eval_data(name: str, model: Classifier, root=None, split: str = "test")
 
 @torch.no_grad()
 def predict_logits(model: Classifier, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
     device = model.mean.device
-    out = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                     for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:

@@ -15,18 +15,9 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BN_TYPES, get_module
+from dfkd.hooks import BN_TYPES, dummy_forward, get_module, head_path
 
 MAX_DIM = 4096  # a full covariance of a larger space costs more than it can be estimated from
-
-
-def head_linear(net: nn.Module) -> str:
-    """Path of the last nn.Linear: the classifier head of every zoo model and most others."""
-    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise DfkdError(f"{type(net).__name__} has no nn.Linear head to find the default feature "
-                        "layer from; name one with --set layer=MODULE.PATH")
-    return names[-1]
 
 
 class FeatureSpace:
@@ -34,7 +25,7 @@ class FeatureSpace:
 
     def __init__(self, net: nn.Module, input_shape: tuple[int, ...], layer: str = ""):
         self.net = net
-        self.head = head_linear(net)
+        self.head = head_path(net, "name the feature layer with --set layer=MODULE.PATH")
         # default: the input of the head; a named layer: that module's output
         self.layer = layer or self.head
         self.capture = "input" if not layer else "output"
@@ -46,11 +37,7 @@ class FeatureSpace:
             self._handle = self.module.register_forward_pre_hook(self._pre_hook)
         else:
             self._handle = self.module.register_forward_hook(self._post_hook)
-        with torch.no_grad():
-            was_training = net.training
-            net.eval()
-            net(torch.zeros((2, *self.input_shape), device=self.device))
-            net.train(was_training)
+        dummy_forward(net, self.input_shape, self.device)
         self.shape = tuple(self.value.shape[1:])
         self.dim = int(torch.tensor(self.shape).prod())
         if self.dim > MAX_DIM:

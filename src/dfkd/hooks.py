@@ -23,6 +23,34 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     raise DfkdError(f"no module '{path}' in {type(model).__name__}; candidates: {', '.join(close)}")
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode for the block (BatchNorm uses, and never updates, its running
+    statistics); its mode is restored afterwards, whatever happens inside."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def dummy_forward(net: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
+    """One eval-mode forward pass of two zero inputs: what shape discovery by hooks runs."""
+    with eval_mode(net):
+        net(torch.zeros((2, *shape), device=device))
+
+
+def head_path(net: nn.Module, why: str) -> str:
+    """Path of the last nn.Linear: the classifier head of every zoo model and most others. A
+    network without one is a one-line error that ends with `why` (what to do instead)."""
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise DfkdError(f"{type(net).__name__} has no nn.Linear; {why}")
+    return names[-1]
+
+
 class FeatureHook:
     """Keeps the input or output of one module from the last forward pass."""
 

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from dfkd.errors import DfkdError
+from dfkd.hooks import eval_mode
 from dfkd.io import atomic_path
 from dfkd.teacher import Classifier, InputSpec, new_classifier
 
@@ -73,16 +74,13 @@ def _export(module: torch.nn.Module, shape, device) -> torch.export.ExportedProg
 
 def export_float(model: Classifier) -> torch.fx.GraphModule:
     """The whole classifier as an exported graph with a dynamic batch dimension."""
-    was_training = model.training
-    model.eval()
     try:
-        program = _export(model, model.spec.shape, model.mean.device)
+        with eval_mode(model):
+            program = _export(model, model.spec.shape, model.mean.device)
     except Exception as e:  # noqa: BLE001  (export errors are long; one line says what to do)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DfkdError(f"torch.export could not capture the model ({first}); quantization "
                         "needs a model without data-dependent Python control flow") from None
-    finally:
-        model.train(was_training)
     return program.module()
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BN_TYPES, FeatureHook, get_module
+from dfkd.hooks import BN_TYPES, FeatureHook, dummy_forward, get_module, head_path
 from dfkd.losses import (
     attention_transfer_loss,
     fast_feature_affinity_loss,
@@ -71,14 +71,6 @@ class Tap(FeatureHook):
             self.value = value.clone()
 
 
-@torch.no_grad()
-def _dummy_forward(model: Classifier) -> None:
-    was_training = model.training
-    model.eval()
-    model.net(torch.zeros((2, *model.spec.shape), device=model.mean.device))
-    model.train(was_training)
-
-
 def stage_outputs(model: Classifier) -> list[str]:
     """Module paths that end each spatial resolution of a forward pass, shallow to deep.
 
@@ -91,7 +83,7 @@ def stage_outputs(model: Classifier) -> list[str]:
     handles = [m.register_forward_hook(lambda mod, i, out, name=name: events.append((name, out)))
                for name, m in model.net.named_modules() if name and not isinstance(m, BN_TYPES)]
     try:
-        _dummy_forward(model)
+        dummy_forward(model.net, model.spec.shape, model.mean.device)
     finally:
         for h in handles:
             h.remove()
@@ -168,7 +160,7 @@ class StudentLoss(nn.Module):
         shapes = {}
         for side, model in (("teacher", teacher), ("student", student)):
             with self.capture(side):
-                _dummy_forward(model)
+                dummy_forward(model.net, model.spec.shape, model.mean.device)
             shapes[side] = [v.shape for v in self.take(side)]
         return shapes
 
@@ -401,12 +393,8 @@ class CRD(StudentLoss):
 
 
 def _head(model: Classifier, role: str) -> str:
-    names = [n for n, m in model.net.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise DfkdError(f"student loss 'crd' embeds the input of the classifier head, but the "
-                        f"{role} ({model.arch}) has no nn.Linear; name the layers with "
-                        "--loss-set layers=TEACHER_PATH:STUDENT_PATH")
-    return names[-1]
+    return head_path(model.net, "name the layers with --loss-set layers=TEACHER_PATH:STUDENT_PATH"
+                     f" (student loss 'crd' embeds the input of the {role}'s classifier head)")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -44,7 +44,9 @@ class LRAOptions:
 
 
 class LRA:
-    """The replay memory and the meta-learned student loss of one run."""
+    """LRA (Patel et al., CVPR 2023): replay memory of past batches, meta step on the new one.
+
+    The replay memory and the meta-learned student loss of one run."""
 
     name = "lra"
 

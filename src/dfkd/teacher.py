@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.hooks import eval_mode
 from dfkd.io import atomic_path
 from dfkd.models import is_registered, model_factory, model_input_shape
 
@@ -200,16 +201,13 @@ def load_classifier(path: str | Path, *, arch: str | None = None,
 @torch.no_grad()
 def check_forward(model: Classifier, hint: str = "check --input-shape") -> None:
     """Fail early, in one line, when the network cannot take its spec's input or count classes."""
-    was_training = model.training
-    model.eval()
     try:
-        out = model(torch.rand(2, *model.spec.shape, device=model.mean.device))
+        with eval_mode(model):
+            out = model(torch.rand(2, *model.spec.shape, device=model.mean.device))
     except RuntimeError as e:
         shape = "x".join(map(str, model.spec.shape))
         raise DfkdError(f"model '{model.arch}' cannot take input {shape}: "
                         f"{str(e).splitlines()[0]}; {hint}") from None
-    finally:
-        model.train(was_training)
     if out.ndim != 2 or out.shape[1] != model.spec.num_classes:
         raise DfkdError(f"model '{model.arch}' outputs shape {tuple(out.shape)}, expected "
                         f"(N, {model.spec.num_classes}) logits")

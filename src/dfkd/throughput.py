@@ -22,7 +22,7 @@ from dfkd.accel import Accel, synchronize
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_layers
 from dfkd.io import write_json, write_text
-from dfkd.machine import device_name
+from dfkd.machine import device_name, machine_info
 from dfkd.models import model_input_shape
 from dfkd.synthesis import create_synthesizer, list_methods, method_class
 from dfkd.teacher import Classifier, InputSpec, new_classifier
@@ -114,7 +114,8 @@ def run_throughput(out: Path, *, methods: list[str] | None = None, steps: int = 
                    batch_size: int = 256, settings: list[tuple[str, Accel]] | None = None,
                    compile: bool = False, progress: bool = True,
                    models: tuple = MODELS) -> list[dict]:
-    """Measure every (setting, model, method); write throughput.json and .md after each case.
+    """Measure every (setting, model, method); write machine.json, and throughput.json and .md
+    after each case.
 
     A method that fails with a DfkdError (or whose compilation fails) is recorded with an
     `error` instead of rates, so one method cannot end the suite.
@@ -128,6 +129,7 @@ def run_throughput(out: Path, *, methods: list[str] | None = None, steps: int = 
     if steps < 1 or batch_size < 1:
         raise DfkdError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     out = Path(out)
+    write_json(out / "machine.json", machine_info())
     cases = [(d, a, m, n) for d, a in settings for m in models for n in methods]
     records: list[dict] = []
     for dev, accel, arch, method in tqdm(cases, desc="throughput", unit="case",

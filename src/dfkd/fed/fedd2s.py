@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.hooks import eval_mode
 from dfkd.losses import soft_target_loss
 from dfkd.teacher import Classifier
 
@@ -64,11 +65,8 @@ def checked_layers(model: Classifier) -> nn.Sequential:
     a forward that is not fc(features(x)) cannot be split."""
     seq, net = layers(model), model.net
     x = torch.randn(2, *model.spec.shape)
-    was_training = net.training
-    with torch.no_grad():
-        net.eval()
+    with torch.no_grad(), eval_mode(net):
         same = torch.allclose(seq(x), net(x), atol=1e-5)
-    net.train(was_training)
     if not same:
         raise DfkdError(f"'{model.arch}' does not compute fc(features(x)); FedD2S cannot split it")
     return seq

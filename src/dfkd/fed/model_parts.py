@@ -7,16 +7,14 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.hooks import get_module, head_path
 from dfkd.teacher import Classifier
 
 
 def head_of(model: Classifier) -> nn.Linear:
     """The last nn.Linear of the network: the classifier head, whose input is the feature
     space. It must be the network's final operation for head(features) to equal the logits."""
-    linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise DfkdError(f"model '{model.arch}' has no nn.Linear head; FedGen needs one")
-    return linears[-1]
+    return get_module(model.net, head_path(model.net, "FedGen needs a classifier head"))
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:

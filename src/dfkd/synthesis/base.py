@@ -91,6 +91,27 @@ class Synthesizer:
         with torch.no_grad():
             z.copy_(torch.maximum(torch.minimum(z, hi), lo))
 
+    def invert(self, z: torch.Tensor, opt: torch.optim.Optimizer, steps: int, step_loss,
+               passes: int) -> None:
+        """The inversion loop the pixel-space methods share: up to `steps` optimizer steps on
+        `step_loss()` (the method's loss, computed afresh from z), z kept in the pixel range
+        and `passes` teacher passes counted after each; it stops once the budget is spent."""
+        for _ in range(steps):
+            if self.should_stop():
+                break
+            opt.zero_grad(set_to_none=True)
+            step_loss().backward()
+            opt.step()
+            self.clamp_to_image_(z)
+            self.teacher_passes += passes
+
+    def inverted_batch(self, index: int, z: torch.Tensor, targets: torch.Tensor) -> Batch:
+        """Round `index` of a pixel-space method as stored: z as pixels, the teacher's logits
+        on exactly those pixels, the intended classes and the round's seeds."""
+        x = self.stored_pixels(z)
+        return {"x": x, "logits": self.label(x), "targets": targets,
+                "seeds": self.seeds(index, len(x))}
+
     def stored_pixels(self, z: torch.Tensor) -> torch.Tensor:
         """Optimized inputs as [0, 1] pixels at the transfer set's float16 precision, so the
         stored logits are the teacher's on exactly what is stored."""

@@ -51,21 +51,16 @@ class BNS(Synthesizer):
     def synthesize(self, student, index):
         o = self.opts
         gen, y, z, opt = self.noise_start(index, o.batch_size, o.lr)
-        for _ in range(o.steps):
-            if self.should_stop():
-                break
-            opt.zero_grad(set_to_none=True)
-            x = random_roll(z, self.jitter, gen)
-            loss = self._loss(x, y, gen)
-            if o.tv_weight:
-                loss = loss + o.tv_weight * total_variation(x, p=2)
-            loss.backward()
-            opt.step()
-            self.clamp_to_image_(z)
-            self.teacher_passes += o.batch_size * len(self.models)
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": self._targets(y),
-                "seeds": self.seeds(index, o.batch_size)}
+        self.invert(z, opt, o.steps, lambda: self._step_loss(z, y, gen),
+                    o.batch_size * len(self.models))
+        return self.inverted_batch(index, z, self._targets(y))
+
+    def _step_loss(self, z, y, gen) -> torch.Tensor:
+        x = random_roll(z, self.jitter, gen)
+        loss = self._loss(x, y, gen)
+        if self.opts.tv_weight:
+            loss = loss + self.opts.tv_weight * total_variation(x, p=2)
+        return loss
 
     def _loss(self, x, y, gen) -> torch.Tensor:
         self.teacher.net(x)

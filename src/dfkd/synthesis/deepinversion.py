@@ -75,34 +75,24 @@ class DeepInversionBase(Synthesizer):
         gen, y, z, opt = self.noise_start(index, o.batch_size, o.lr)
         judge = student if o.comp_weight > 0 else None
         with student_as_judge(judge):
-            self._optimize(z, y, opt, judge, gen)
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
+            self.invert(z, opt, o.steps, lambda: self._step_loss(z, y, judge, gen), o.batch_size)
+        return self.inverted_batch(index, z, y)
 
-    def _optimize(self, z, y, opt, judge, gen) -> None:
-        o, t = self.opts, self.teacher
-        for _ in range(o.steps):
-            if self.should_stop():
-                break
-            opt.zero_grad(set_to_none=True)
-            x = self._augment(z, gen)
-            logits = t.net(x)
-            loss = F.cross_entropy(logits, y)
-            if self.bn_hooks:
-                losses = [h.loss for h in self.bn_hooks]
-                loss = loss + o.bn_weight * (o.first_bn_multiplier * losses[0] + sum(losses[1:]))
-            if o.tv_weight:
-                loss = loss + o.tv_weight * total_variation(x, p=2)
-            if o.l2_weight:
-                loss = loss + o.l2_weight * x.pow(2).flatten(1).sum(1).mean()
-            if judge is not None:
-                loss = loss + o.comp_weight * competition(logits, judge.net(x),
-                                                          o.comp_temperature)
-            loss.backward()
-            opt.step()
-            self.clamp_to_image_(z)
-            self.teacher_passes += o.batch_size
+    def _step_loss(self, z, y, judge, gen) -> torch.Tensor:
+        o = self.opts
+        x = self._augment(z, gen)
+        logits = self.teacher.net(x)
+        loss = F.cross_entropy(logits, y)
+        if self.bn_hooks:
+            losses = [h.loss for h in self.bn_hooks]
+            loss = loss + o.bn_weight * (o.first_bn_multiplier * losses[0] + sum(losses[1:]))
+        if o.tv_weight:
+            loss = loss + o.tv_weight * total_variation(x, p=2)
+        if o.l2_weight:
+            loss = loss + o.l2_weight * x.pow(2).flatten(1).sum(1).mean()
+        if judge is not None:
+            loss = loss + o.comp_weight * competition(logits, judge.net(x), o.comp_temperature)
+        return loss
 
     def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         z = inversion_view(z, self.opts.view, self.jitter, gen, self.black)

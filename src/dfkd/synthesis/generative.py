@@ -50,8 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
-from dfkd.feature_space import head_linear
-from dfkd.hooks import FeatureHook, bn_layers, bn_stats_hooks, get_module
+from dfkd.hooks import FeatureHook, bn_layers, bn_stats_hooks, get_module, head_path
 from dfkd.losses import kd_loss
 from dfkd.models import create_model, is_registered, list_models
 from dfkd.synthesis.base import Options, Synthesizer, device_default, register_method
@@ -283,8 +282,8 @@ class DAFL(GeneratorMethod):
 
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
-        self.features = FeatureHook(get_module(teacher.net, head_linear(teacher.net)),
-                                    capture="input")
+        head = head_path(teacher.net, "DAFL's activation term reads the classifier head's input")
+        self.features = FeatureHook(get_module(teacher.net, head), capture="input")
 
     def objective(self, g, t_logits, s_logits):
         o = self.opts

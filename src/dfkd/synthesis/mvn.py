@@ -216,18 +216,10 @@ class MVN(CountsLabelMismatch, Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
-        for _ in range(o.steps):
-            if self.should_stop():
-                break
-            opt.zero_grad(set_to_none=True)
-            view = inversion_view(z, o.view, self.jitter, gen, self.black)
-            self._loss(view, h, target).backward()
-            opt.step()
-            self.clamp_to_image_(z)
-            self.teacher_passes += o.batch_size
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
+        self.invert(z, opt, o.steps,
+                    lambda: self._loss(inversion_view(z, o.view, self.jitter, gen, self.black),
+                                       h, target), o.batch_size)
+        return self.inverted_batch(index, z, y)
 
     def _loss(self, x, h, target) -> torch.Tensor:
         """The synthesis objective on a view x of the batch, for sampled features h and targets."""

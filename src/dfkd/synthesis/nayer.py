@@ -50,8 +50,7 @@ from torch import nn
 
 from dfkd.augment import random_roll
 from dfkd.errors import DfkdError
-from dfkd.feature_space import head_linear
-from dfkd.hooks import bn_layers, get_module
+from dfkd.hooks import bn_layers, get_module, head_path
 from dfkd.synthesis.base import (
     Options,
     Synthesizer,
@@ -164,7 +163,8 @@ class Nayer(Synthesizer):
     def _class_embedding(self) -> torch.Tensor:
         c = self.teacher.spec.num_classes
         if self.opts.embedding == "head":
-            weight = get_module(self.teacher.net, head_linear(self.teacher.net)).weight
+            head = head_path(self.teacher.net, "use embedding=random")
+            weight = get_module(self.teacher.net, head).weight
             if weight.shape[0] != c:
                 raise DfkdError(f"embedding=head needs a head with {c} outputs, the teacher's "
                                 f"last nn.Linear has {weight.shape[0]}; use embedding=random")

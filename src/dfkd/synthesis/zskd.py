@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
-from dfkd.feature_space import head_linear
-from dfkd.hooks import get_module
+from dfkd.hooks import get_module, head_path
 from dfkd.losses import soft_target_loss
 from dfkd.synthesis.base import (
     CountsLabelMismatch,
@@ -73,7 +72,8 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
         super().__init__(teacher, options, seed)
         if options.steps < 0 or options.batch_size < 2:
             raise DfkdError("zskd needs steps >= 0 and batch_size >= 2")
-        head = get_module(teacher.net, head_linear(teacher.net))
+        head = get_module(teacher.net, head_path(teacher.net, "zskd reads class similarity "
+                                                "from the classifier head's weights"))
         if head.out_features != teacher.spec.num_classes:
             raise DfkdError(f"zskd reads class weights from the last nn.Linear, which has "
                             f"{head.out_features} outputs for {teacher.spec.num_classes} classes")
@@ -98,14 +98,6 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr)
-        for _ in range(o.steps):
-            if self.should_stop():
-                break
-            opt.zero_grad(set_to_none=True)
-            soft_target_loss(t.net(z), target, o.temperature).backward()
-            opt.step()
-            self.clamp_to_image_(z)
-            self.teacher_passes += o.batch_size
-        x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": y,
-                "seeds": self.seeds(index, o.batch_size)}
+        self.invert(z, opt, o.steps, lambda: soft_target_loss(t.net(z), target, o.temperature),
+                    o.batch_size)
+        return self.inverted_batch(index, z, y)
