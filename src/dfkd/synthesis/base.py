@@ -211,6 +211,13 @@ def parse_options(cls: type[Synthesizer], given: dict[str, object]) -> object:
     return build_options(cls.Options, given, f"method '{cls.name}'")
 
 
+def require_positive(opts, *keys: str) -> None:
+    """A one-line error for the first of the options `keys` that is not positive."""
+    for key in keys:
+        if getattr(opts, key) <= 0:
+            raise DfkdError(f"{key} must be positive, got {getattr(opts, key)}")
+
+
 def device_default(value, gpu, cpu, device: torch.device):
     """An option's value, where 0 means "by device": the paper's `gpu` value on a GPU, the `cpu`
     value elsewhere (where the papers' setting spends the budget on the generator, not the

@@ -43,6 +43,7 @@ from dfkd.synthesis.base import (
     balanced_targets,
     device_default,
     register_method,
+    require_positive,
     student_as_judge,
 )
 from dfkd.synthesis.generative import build_generator
@@ -108,6 +109,19 @@ class MomentumBNHook:
             self.past = (m * self.past[0] + (1 - m) * mean, m * self.past[1] + (1 - m) * var)
 
 
+def momentum_bn_prior(method: str, teacher, bn_weight: float,
+                      momentum: float) -> list[MomentumBNHook]:
+    """The BatchNorm prior of fast and nayer: a momentum hook on every teacher BatchNorm (none at
+    bn_weight 0); one-line errors for a momentum outside [0, 1) or a teacher without BatchNorm."""
+    if not 0 <= momentum < 1:
+        raise DfkdError(f"bn_momentum must be in [0, 1), got {momentum}")
+    layers = bn_layers(teacher.net) if bn_weight > 0 else []
+    if bn_weight > 0 and not layers:
+        raise DfkdError(f"method '{method}' matches BatchNorm statistics, but the teacher has no "
+                        "BatchNorm layer with running statistics; set bn_weight=0")
+    return [MomentumBNHook(m, momentum) for m in layers]
+
+
 @dataclass
 class FastOptions(Options):
     batch_size: int = 256  # samples per round (reference: 256)
@@ -145,19 +159,11 @@ class Fast(Synthesizer):
         o.ngf = device_default(o.ngf, 64, 16, self.device)
         if o.meta not in ("reptile", "fomaml"):
             raise DfkdError(f"meta must be reptile or fomaml, got '{o.meta}'")
-        for key in ("batch_size", "g_steps", "nz", "ngf", "lr_g", "lr_z"):
-            if getattr(o, key) <= 0:
-                raise DfkdError(f"{key} must be positive, got {getattr(o, key)}")
-        if not 0 <= o.bn_momentum < 1:
-            raise DfkdError(f"bn_momentum must be in [0, 1), got {o.bn_momentum}")
-        if o.bn_weight > 0 and not bn_layers(teacher.net):
-            raise DfkdError("method 'fast' matches BatchNorm statistics, but the teacher has no "
-                            "BatchNorm layer with running statistics; set bn_weight=0")
+        require_positive(o, "batch_size", "g_steps", "nz", "ngf", "lr_g", "lr_z")
+        self.bn_hooks = momentum_bn_prior(self.name, teacher, o.bn_weight, o.bn_momentum)
         self.G = build_generator(teacher, o.generator, o.nz, o.ngf, self.batch_seed(-1))
         self.meta_opt = torch.optim.Adam(self.G.parameters(), lr=o.lr_g * o.g_steps,
                                          betas=(0.5, 0.999))
-        layers = bn_layers(teacher.net) if o.bn_weight > 0 else []
-        self.bn_hooks = [MomentumBNHook(m, o.bn_momentum) for m in layers]
         self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1])
 
     def synthesize(self, student, index):

@@ -53,7 +53,13 @@ from dfkd.errors import DfkdError
 from dfkd.hooks import FeatureHook, bn_layers, bn_stats_hooks, get_module, head_path
 from dfkd.losses import kd_loss
 from dfkd.models import create_model, is_registered, list_models
-from dfkd.synthesis.base import Options, Synthesizer, device_default, register_method
+from dfkd.synthesis.base import (
+    Options,
+    Synthesizer,
+    device_default,
+    register_method,
+    require_positive,
+)
 
 # ---- G objectives: pure functions of the teacher's (and student's) outputs --------------------
 
@@ -156,12 +162,6 @@ def apply_gradient(optimizer: torch.optim.Optimizer, params: list, loss: torch.T
     optimizer.step()
 
 
-def _positive(**values) -> None:
-    for key, v in values.items():
-        if v <= 0:
-            raise DfkdError(f"{key} must be positive, got {v}")
-
-
 @dataclass
 class GeneratorOptions(Options):
     batch_size: int = 256  # samples per student step
@@ -187,7 +187,7 @@ class GeneratorMethod(Synthesizer):
         super().__init__(teacher, options, seed)
         o = options
         o.ngf = device_default(o.ngf, 64, 16, self.device)
-        _positive(batch_size=o.batch_size, nz=o.nz, ngf=o.ngf, lr_g=o.lr_g, g_every=o.g_every)
+        require_positive(o, "batch_size", "nz", "ngf", "lr_g", "g_every")
         if o.batch_size < 2:
             raise DfkdError(f"batch_size must be at least 2 (batch statistics), got "
                             f"{o.batch_size}")
@@ -381,7 +381,7 @@ class RDSKD(GeneratorMethod):
 
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
-        _positive(g_iters=options.g_iters, epoch=options.epoch)
+        require_positive(options, "g_iters", "epoch")
         if not 0 < options.stage1_share <= 1:
             raise DfkdError(f"stage1_share must be in (0, 1], got {options.stage1_share}")
         self.oh_prev, self.ie_prev = 0.0, 0.0

@@ -50,16 +50,17 @@ from torch import nn
 
 from dfkd.augment import random_roll
 from dfkd.errors import DfkdError
-from dfkd.hooks import bn_layers, get_module, head_path
+from dfkd.hooks import get_module, head_path
 from dfkd.synthesis.base import (
     Options,
     Synthesizer,
     device_default,
     register_method,
+    require_positive,
     student_as_judge,
 )
 from dfkd.synthesis.deepinversion import flip_choice
-from dfkd.synthesis.fast import MomentumBNHook, fast_loss
+from dfkd.synthesis.fast import fast_loss, momentum_bn_prior
 from dfkd.synthesis.generative import build_generator
 
 EMBEDDINGS = ("random", "head")
@@ -141,22 +142,15 @@ class Nayer(Synthesizer):
         o.g_steps = device_default(o.g_steps, 40, 10, self.device)
         o.noise_dim = device_default(o.noise_dim, 1000, 256, self.device)
         o.ngf = device_default(o.ngf, 64, 16, self.device)
-        for key in ("batch_size", "g_steps", "lr_g", "g_life", "embed_dim", "noise_dim", "ngf"):
-            if getattr(o, key) <= 0:
-                raise DfkdError(f"{key} must be positive, got {getattr(o, key)}")
+        require_positive(o, "batch_size", "g_steps", "lr_g", "g_life", "embed_dim", "noise_dim",
+                         "ngf")
         if o.embedding not in EMBEDDINGS:
             raise DfkdError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got "
                             f"'{o.embedding}'")
-        if not 0 <= o.bn_momentum < 1:
-            raise DfkdError(f"bn_momentum must be in [0, 1), got {o.bn_momentum}")
-        if o.bn_weight > 0 and not bn_layers(teacher.net):
-            raise DfkdError("method 'nayer' matches BatchNorm statistics, but the teacher has no "
-                            "BatchNorm layer with running statistics; set bn_weight=0")
+        self.bn_hooks = momentum_bn_prior(self.name, teacher, o.bn_weight, o.bn_momentum)
         self.embedding = self._class_embedding()
         self.jitter = o.jitter if o.jitter >= 0 else max(1, teacher.spec.shape[1] // 8)
         self.flip = flip_choice(o.flip, teacher.spec.dataset)
-        self.bn_hooks = [MomentumBNHook(m, o.bn_momentum)
-                         for m in (bn_layers(teacher.net) if o.bn_weight > 0 else [])]
         self.G = self._new_generator(0)
         self.built_for = 0  # the round whose rebuild made the current G
 
