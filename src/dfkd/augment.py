@@ -108,14 +108,15 @@ def cut_mix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     return x * (1 - mask) + x[perm] * mask, perm, bh * bw / (h * w)
 
 
-def jitter_pixels(option: int, height: int) -> int:
-    """The `jitter` option of the inversion methods: -1 means default_shift(height)."""
-    return option if option >= 0 else default_shift(height)
+def jitter_pixels(option: int, height: int, divisor: int = 16) -> int:
+    """The `jitter` option of the inversion methods: -1 means default_shift(height, divisor)."""
+    return option if option >= 0 else default_shift(height, divisor)
 
 
-def default_shift(height: int) -> int:
-    """1 pixel for 8x8 inputs, 2 for 28-32 pixels, ~1/16 of the side in general."""
-    return max(1, height // 16)
+def default_shift(height: int, divisor: int = 16) -> int:
+    """1 pixel for 8x8 inputs, 2 for 28-32 pixels, ~1/16 of the side in general (or
+    1/`divisor`)."""
+    return max(1, height // divisor)
 
 
 def check(name: str) -> None:

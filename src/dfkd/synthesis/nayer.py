@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.augment import random_roll
+from dfkd.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import get_module, head_path
 from dfkd.synthesis.base import (
@@ -149,7 +149,7 @@ class Nayer(Synthesizer):
                             f"'{o.embedding}'")
         self.bn_hooks = momentum_bn_prior(self.name, teacher, o.bn_weight, o.bn_momentum)
         self.embedding = self._class_embedding()
-        self.jitter = o.jitter if o.jitter >= 0 else max(1, teacher.spec.shape[1] // 8)
+        self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1], divisor=8)
         self.flip = flip_choice(o.flip, teacher.spec.dataset)
         self.G = self._new_generator(0)
         self.built_for = 0  # the round whose rebuild made the current G
