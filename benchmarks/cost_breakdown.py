@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from dfkd.models.classifier import load_classifier, new_classifier
 from dfkd.synthesis.generative import build_generator
-from dfkd.teacher import load_classifier, new_classifier
 
 
 def per_image_ms(fn, batch: int, repeats: int) -> float:

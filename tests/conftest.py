@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd.train import TeacherConfig, train_teacher
+from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dfkd.augment import (
+from dfkd.cli import build_parser
+from dfkd.data.augment import (
     CHOICES,
     apply,
     default_shift,
@@ -11,7 +12,6 @@ from dfkd.augment import (
     random_roll,
     shift_flip,
 )
-from dfkd.cli import build_parser
 from dfkd.errors import DfkdError
 
 

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-import dfkd.bench as bench
-from dfkd.bench import BenchConfig, resolve_methods, run_bench, with_gaps
+import dfkd.commands.bench as bench
 from dfkd.cli import main
+from dfkd.commands.bench import BenchConfig, resolve_methods, run_bench, with_gaps
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
+from dfkd.models.classifier import load_classifier
 from dfkd.report import REQUIRED_KEYS
 from dfkd.synthesis import create_synthesizer, list_methods
-from dfkd.teacher import load_classifier
 
 OUTPUTS = ("results.json", "results.md", "curves.png", "passes.png", "machine.json",
            "bench.yaml")
@@ -181,11 +181,11 @@ def test_real_data_anchors(digits_teacher):
     teacher = load_classifier(digits_teacher)
     kd = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3)
     a, b = kd.synthesize(None, 5), kd.synthesize(None, 5)
-    assert torch.equal(a["x"], b["x"]) and a["logits"].shape == (64, 10)
+    assert torch.equal(a["x"], b["x"]) and a["target_logits"].shape == (64, 10)
     assert kd.teacher_passes == 128
     scratch = create_synthesizer("scratch_real", teacher, {"batch_size": 64}, seed=3)
     batch = scratch.synthesize(None, 0)
-    assert "logits" not in batch and batch["labels"].shape == (64,)
+    assert "target_logits" not in batch and batch["labels"].shape == (64,)
     assert scratch.teacher_passes == 0
     # an epoch is a permutation of the data, cut into batches
     plain = create_synthesizer("scratch_real", teacher, {"batch_size": 64, "augment": False}, 3)
@@ -201,9 +201,10 @@ def test_kd_real_mix_blends_its_batches_and_scratch_real_refuses_it(digits_teach
     kd = create_synthesizer("kd_real", teacher, {"batch_size": 64, "mix": True}, seed=3)
     mixed = kd.synthesize(None, 2)
     assert torch.equal(mixed["x"], kd.synthesize(None, 2)["x"])  # a pure function of the index
-    assert not torch.equal(mixed["x"], plain["x"]) and torch.equal(mixed["targets"],
-                                                                    plain["targets"])
-    torch.testing.assert_close(mixed["logits"], teacher(mixed["x"]).float())  # labelled blends
+    assert not torch.equal(mixed["x"], plain["x"]) and torch.equal(mixed["classes"],
+                                                                    plain["classes"])
+    # blends labelled by the teacher
+    torch.testing.assert_close(mixed["target_logits"], teacher(mixed["x"]).float())
     with pytest.raises(DfkdError, match="scratch_real trains on the true labels"):
         create_synthesizer("scratch_real", teacher, {"mix": True}, 0)
 
@@ -213,7 +214,7 @@ def test_kd_real_max_images_keeps_the_first_images_only(digits_teacher):
     full = create_synthesizer("kd_real", teacher, {"batch_size": 64}, seed=3)
     few = create_synthesizer("kd_real", teacher, {"batch_size": 64, "max_images": 100}, seed=3)
     assert len(few.y) == 100 and torch.equal(few.x, full.x[:100])
-    assert set(few.synthesize(None, 7)["targets"].tolist()) <= set(full.y[:100].tolist())
+    assert set(few.synthesize(None, 7)["classes"].tolist()) <= set(full.y[:100].tolist())
     with pytest.raises(DfkdError, match="max_images must be >= 0"):
         create_synthesizer("kd_real", teacher, {"max_images": -1}, 0)
 

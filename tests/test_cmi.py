@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.models.classifier import Classifier, InputSpec, load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.cmi import (
     MemoryBank,
@@ -15,7 +16,6 @@ from dfkd.synthesis.cmi import (
     local_view,
     masked_adversarial,
 )
-from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
 
 TINY = {"batch_size": 20, "steps": 6, "nz": 16, "ngf": 8, "negatives": 32}
 
@@ -126,8 +126,8 @@ def test_cmi_batch_is_valid_reproducible_and_fills_the_bank(teacher):
     assert batch["x"].shape == (20, 1, 8, 8)
     assert batch["x"].min() >= 0 and batch["x"].max() <= 1
     assert torch.equal(batch["x"], batch["x"].half().float())
-    assert torch.allclose(batch["logits"], teacher(batch["x"]), atol=1e-5)
-    assert sorted(batch["targets"].tolist()) == sorted(list(range(10)) * 2)
+    assert torch.allclose(batch["target_logits"], teacher(batch["x"]), atol=1e-5)
+    assert sorted(batch["classes"].tolist()) == sorted(list(range(10)) * 2)
     assert synth.teacher_passes == 20 * 6 * 2 + 20  # global and local view per step, label
     assert len(synth.bank) == 20 and synth.report()["bank_entries"] == 20
     assert any(not torch.equal(a, b) for a, b in zip(head_before, synth.head.parameters(),

@@ -4,16 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dfkd.distill as engine
+import dfkd.engine.distill as engine
+from dfkd.commands.synthesize import SynthesizeConfig, synthesize_set
 from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl
 from dfkd.models import default_student
 from dfkd.report import REQUIRED_KEYS
 from dfkd.synthesis import list_methods, method_class
-from dfkd.synthesize import SynthesizeConfig, synthesize_set
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 from method_sizes import small_options
 
 CONTRACT_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "samples.png",

@@ -13,7 +13,7 @@ from dfkd.fed.partition import dirichlet_split, label_counts, plot_label_counts
 from dfkd.fed.personal import per_class_accuracy, personal_accuracy
 from dfkd.fed.task import FedConfig, client_data, new_model
 from dfkd.hooks import BNStatsHook, bn_layers
-from dfkd.teacher import load_classifier
+from dfkd.models.classifier import load_classifier
 
 flwr = pytest.importorskip("flwr")
 from dfkd.fed.apps import checked  # noqa: E402  (needs flwr)

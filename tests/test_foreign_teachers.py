@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import dfkd.bench as bench
-from dfkd.bench import BenchConfig, run_bench
+import dfkd.commands.bench as bench
+from dfkd.commands.bench import BenchConfig, run_bench
+from dfkd.commands.suites import IMAGENET_MEAN, IMAGENET_STD, Published, Suite
 from dfkd.errors import DfkdError
 from dfkd.models import create_model, default_student, is_registered
+from dfkd.models.classifier import load_classifier
 from dfkd.models.resnet_a import PadShortcut
-from dfkd.student_init import misfits
-from dfkd.suites import IMAGENET_MEAN, IMAGENET_STD, Published, Suite
-from dfkd.teacher import load_classifier
+from dfkd.student.start import misfits
 from test_data import write_cifar10, write_idx_split
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar10"

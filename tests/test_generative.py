@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.models.classifier import Classifier, InputSpec, load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis import fast as fast_mod
 from dfkd.synthesis import generative as gm
 from dfkd.synthesis import nayer as nayer_mod
-from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
 
 ONLINE = ["dafl", "zskt", "dfad", "dfq", "rdskd", "mad"]
 ALL = ONLINE + ["fast", "nayer"]
@@ -106,15 +106,15 @@ def test_batch_is_valid_fresh_and_reproducible(teacher, student, method):
     synth = create_synthesizer(method, teacher, _opts(method), seed=3)
     a = synth.synthesize(student, 0)
     assert a["x"].shape == (16, 1, 8, 8) and a["x"].min() >= 0 and a["x"].max() <= 1
-    assert torch.allclose(a["logits"], teacher(a["x"]), atol=1e-5)
+    assert torch.allclose(a["target_logits"], teacher(a["x"]), atol=1e-5)
     assert a["seeds"].shape == (16,)
     if method == "fast":
-        assert sorted(a["targets"].tolist()) == sorted(list(range(10)) + list(range(6)))
+        assert sorted(a["classes"].tolist()) == sorted(list(range(10)) + list(range(6)))
     elif method == "nayer":
-        assert a["targets"][:10].tolist() == list(range(10))
-        assert len(set(a["targets"][10:].tolist())) == 6
+        assert a["classes"][:10].tolist() == list(range(10))
+        assert len(set(a["classes"][10:].tolist())) == 6
     else:
-        assert (a["targets"] == -1).all()
+        assert (a["classes"] == -1).all()
     b = synth.synthesize(student, 1)
     assert not torch.equal(a["x"], b["x"])
     assert a["x"].std() > 0.01  # not a constant image
@@ -190,7 +190,7 @@ def test_fast_and_nayer_take_their_cpu_defaults_on_a_cpu(teacher):
 
 def test_dafl_generator_loss_decreases(teacher):
     synth = create_synthesizer("dafl", teacher, _opts("dafl", batch_size=64), seed=0)
-    losses = [synth.generator_step(None, synth.generator(i)).item() for i in range(30)]
+    losses = [synth.generator_step(None, synth.rng(i)).item() for i in range(30)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
@@ -201,11 +201,11 @@ def test_mad_keeps_an_ema_copy_and_mixes_its_samples(teacher, student):
     synth.synthesize(student, 0)
     after = _params(synth.G)
     assert torch.allclose(_params(synth.G_ema), 0.95 * before + 0.05 * after, atol=1e-6)
-    mixed = synth.sample(synth.generator(5), 16)
+    mixed = synth.sample(synth.rng(5), 16)
     with torch.no_grad():
         for p in synth.G_ema.parameters():
             p.add_(0.1)
-    changed = synth.sample(synth.generator(5), 16)
+    changed = synth.sample(synth.rng(5), 16)
     assert torch.equal(mixed[:8], changed[:8])  # the first half comes from G
     assert not torch.allclose(mixed[8:], changed[8:])  # the second from its EMA copy
 
@@ -293,7 +293,7 @@ def test_adversarial_term_reaches_g_only_when_student_and_teacher_differ(method)
     for name, student in (("same", same), ("other", other)):
         synth = create_synthesizer(method, t, opts, seed=0)
         before = _params(synth.G)
-        loss = synth.generator_step(student, synth.generator(0)).item()
+        loss = synth.generator_step(student, synth.rng(0)).item()
         grad = max(p.grad.abs().max().item() for p in synth.G.parameters())
         grads[name] = (loss, grad, (_params(synth.G) - before).abs().max().item())
         assert all(p.grad is None for p in student.parameters())  # the student is not touched
@@ -319,7 +319,7 @@ def test_the_runs_temperature_reaches_the_generator_objective(teacher, student, 
 def test_bn_prior_adds_to_any_generator_loss(teacher):
     def first_loss(**kw):
         synth = create_synthesizer("dafl", teacher, _opts("dafl", **kw), seed=0)
-        return synth.generator_step(None, synth.generator(0)).item()
+        return synth.generator_step(None, synth.rng(0)).item()
 
     # on by default (a positive BN distance, weighted); bn_weight=0 is the paper's loss
     assert first_loss(bn_weight=2.0) - first_loss() > 0.1

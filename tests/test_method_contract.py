@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
+from dfkd.models.classifier import load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer, list_methods, method_class
-from dfkd.teacher import load_classifier, new_classifier
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 from method_sizes import small_options
 
 REGISTRY = sorted(list_methods(anchors=True))
@@ -51,14 +51,15 @@ def test_a_batch_has_the_contract_schema_and_ranges(name, teacher, student):
     x, n = batch["x"], len(batch["x"])
     assert x.dtype == torch.float32 and x.shape == (n, *teacher.spec.shape) and n > 0
     assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1  # pixels
-    assert batch["targets"].dtype == torch.long and batch["targets"].shape == (n,)
-    assert batch["targets"].min() >= -1 and batch["targets"].max() < teacher.spec.num_classes
+    assert batch["classes"].dtype == torch.long and batch["classes"].shape == (n,)
+    assert batch["classes"].min() >= -1 and batch["classes"].max() < teacher.spec.num_classes
     assert batch["seeds"].dtype == torch.long and batch["seeds"].shape == (n,)
-    assert ("logits" in batch) != ("labels" in batch)  # soft targets, or true labels (anchor)
-    if "logits" in batch:
-        assert batch["logits"].shape == (n, teacher.spec.num_classes)
+    # soft targets, or true labels (anchor)
+    assert ("target_logits" in batch) != ("labels" in batch)
+    if "target_logits" in batch:
+        assert batch["target_logits"].shape == (n, teacher.spec.num_classes)
         with torch.no_grad():
-            assert torch.allclose(batch["logits"], teacher(x).float(), atol=1e-5)
+            assert torch.allclose(batch["target_logits"], teacher(x).float(), atol=1e-5)
     else:
         assert method_class(name).uses_real_data
 
@@ -71,9 +72,10 @@ def test_a_transfer_set_stores_a_round_exactly(name, teacher, student, tmp_path)
     TransferSet(tmp_path).append(batch)
     stored = TransferSet.open(tmp_path).tensors()
     assert torch.equal(stored["x"].float(), batch["x"])
-    assert torch.equal(stored["logits"], batch["logits"])
+    assert torch.equal(stored["target_logits"], batch["target_logits"])
     with torch.no_grad():  # the stored logits are the teacher's on the stored pixels
-        assert torch.allclose(teacher(stored["x"].float()).float(), stored["logits"], atol=1e-5)
+        assert torch.allclose(teacher(stored["x"].float()).float(), stored["target_logits"],
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("name", REGISTRY)

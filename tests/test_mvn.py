@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.feature_space import FeatureSpace
 from dfkd.hooks import head_path
 from dfkd.losses import soft_target_loss
+from dfkd.models.classifier import Classifier, InputSpec, load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.base import balanced_targets
+from dfkd.synthesis.feature_space import FeatureSpace
 from dfkd.synthesis.mvn import repair_psd, shrunk_covariance
 from dfkd.synthesis.zskd import class_similarity, sample_dirichlet
-from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
 
 TINY = {"batch_size": 20, "steps": 5, "center_steps": 10, "bootstrap_size": 64}
 PAPER = {"bn_weight": 0, "tv_weight": 0, "view": "none"}  # the paper's synthesis loss alone
@@ -105,7 +105,7 @@ def test_mvn_round_is_valid_reproducible_and_reports_mismatch(cov):
     batch = a.synthesize(None, 0)
     assert batch["x"].shape == (20, 1, 32, 32) and 0 <= batch["x"].min() <= batch["x"].max() <= 1
     assert torch.equal(batch["x"], b.synthesize(None, 0)["x"])
-    assert torch.equal(batch["logits"], teacher(batch["x"]).float())
+    assert torch.equal(batch["target_logits"], teacher(batch["x"]).float())
     report = a.report()
     assert 0 <= report["label_mismatch"] <= 1 and report["feature_dim"] == 84
     assert report["mean_source"] == "bn" and report["nonneg"] is True
@@ -132,7 +132,7 @@ def test_mvn_samples_are_rectified_and_targets_follow_the_head(digits_teacher):
     teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
     synth = create_synthesizer("mvn", teacher, {**TINY, "center_steps": 100}, seed=0)
     y = torch.arange(10).repeat(20)
-    h, logits = synth.soft_targets(y, torch.Generator().manual_seed(0))
+    h, logits = synth.sampled_features(y, torch.Generator().manual_seed(0))
     assert (h >= 0).all() and h.shape == (200, 128)
     torch.testing.assert_close(logits, teacher.net.fc(h))
     assert synth.report()["label_mismatch"] < 0.2
@@ -146,9 +146,9 @@ def test_mvn_synthesis_matches_the_soft_targets(digits_teacher):
     for steps in (0, 40):
         synth = create_synthesizer("mvn", teacher, {**TINY, **PAPER, "steps": steps}, seed=0)
         x = synth.synthesize(None, 0)["x"]
-        gen = synth.generator(0)  # replay the round's draws: classes, then soft targets
+        gen = synth.rng(0)  # replay the round's draws: classes, then soft targets
         y = balanced_targets(20, 10, gen)
-        _, target_logits = synth.soft_targets(y, gen)
+        _, target_logits = synth.sampled_features(y, gen)
         target = torch.softmax(target_logits / 20, dim=1)
         losses.append(float(soft_target_loss(teacher(x), target, 20.0)))
     assert losses[1] < 0.5 * losses[0]
@@ -192,7 +192,7 @@ def test_zskd_round_and_label_mismatch_above_mvn(digits_teacher):
     teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
     zskd = create_synthesizer("zskd", teacher, {"batch_size": 200, "steps": 2}, seed=0)
     batch = zskd.synthesize(None, 0)
-    assert batch["x"].shape == (200, 1, 8, 8) and batch["targets"].shape == (200,)
+    assert batch["x"].shape == (200, 1, 8, 8) and batch["classes"].shape == (200,)
     mvn = create_synthesizer("mvn", teacher, {**TINY, "batch_size": 200, "steps": 0,
                                               "center_steps": 100}, seed=0)
     mvn.synthesize(None, 0)

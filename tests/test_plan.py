@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
-from dfkd.errors import DfkdError
-from dfkd.plan import (
+from dfkd.engine.distill import distill
+from dfkd.engine.plan import (
     MIN_BATCH,
     MIN_STEPS,
     Costs,
@@ -18,7 +17,8 @@ from dfkd.plan import (
     plan_run,
     replan_steps_per_round,
 )
-from dfkd.teacher import InputSpec, load_classifier, new_classifier
+from dfkd.errors import DfkdError
+from dfkd.models.classifier import InputSpec, load_classifier, new_classifier
 
 RESNET_ON_CPU = Costs(inversion=0.003, student_step=0.3)  # ResNet-20 -> resnet8a here, roughly
 LENET_ON_CPU = Costs(inversion=1.5e-4, student_step=0.03)

@@ -6,14 +6,20 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from dfkd import quant
-from dfkd.calibration import calibration_method, make_calibration
 from dfkd.cli import main
 from dfkd.errors import DfkdError
 from dfkd.hooks import BNStatsHook, gaussian_kl
-from dfkd.qat import FinetuneOptions, finetune
+from dfkd.models.classifier import (
+    Classifier,
+    InputSpec,
+    load_classifier,
+    new_classifier,
+    save_classifier,
+)
+from dfkd.quant import pt2e as quant
+from dfkd.quant.calibration import calibration_method, make_calibration
+from dfkd.quant.qat import FinetuneOptions, finetune
 from dfkd.synthesis import create_synthesizer
-from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier, save_classifier
 
 pytest.importorskip("torchao")
 
@@ -155,7 +161,7 @@ def test_bns_lowers_the_batchnorm_mismatch_and_draws_no_classes(model):
     for h in hooks:
         h.remove()
     assert after < 0.5 * before
-    assert (long["targets"] == -1).all()
+    assert (long["classes"] == -1).all()
 
 
 def test_mixmix_inverts_extra_teachers_and_checks_them(model, digits_teacher, tmp_path):
@@ -164,7 +170,7 @@ def test_mixmix_inverts_extra_teachers_and_checks_them(model, digits_teacher, tm
     batch = synth.synthesize(None, 0)
     assert synth.report()["models_inverted"] == 2
     assert synth.teacher_passes >= 2 * FAST["batch_size"] * FAST["steps"]
-    assert batch["targets"].min() >= 0
+    assert batch["classes"].min() >= 0
     other = new_classifier("lenet5", InputSpec((1, 32, 32), (0.5,), (0.5,), 10))
     save_classifier(other, tmp_path / "other.safetensors")
     with pytest.raises(DfkdError, match="extra teacher .* takes \\(1, 32, 32\\) inputs"):

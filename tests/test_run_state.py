@@ -1,4 +1,4 @@
-from dfkd.run_state import RunState
+from dfkd.engine.run_state import RunState
 
 
 def test_counters_round_trip_through_a_checkpoint_dict():

@@ -7,8 +7,9 @@ from torch import nn
 
 from dfkd.cli import main
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
+from dfkd.hooks import stage_outputs
 from dfkd.losses import (
     attention_transfer_loss,
     fast_feature_affinity_loss,
@@ -16,8 +17,8 @@ from dfkd.losses import (
     logit_l1_loss,
     nce_loss,
 )
-from dfkd.student_losses import CHOICES, create_student_loss, stage_outputs
-from dfkd.teacher import Classifier, InputSpec, new_classifier
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier
+from dfkd.student.losses import CHOICES, create_student_loss
 
 SPEC = InputSpec((1, 8, 8), (0.5,), (0.5,), 10, "digits")
 

@@ -2,14 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd import bench
 from dfkd.cli import main
+from dfkd.commands import bench
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
-from dfkd.student_losses import create_student_loss
-from dfkd.student_update import LRA, LRAOptions, create_update
-from dfkd.teacher import Classifier, InputSpec, new_classifier
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier
+from dfkd.student.losses import create_student_loss
+from dfkd.student.update import LRA, LRAOptions, create_update
 
 SPEC = InputSpec((1, 8, 8), (0.5,), (0.5,), 10, "digits")
 

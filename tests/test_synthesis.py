@@ -1,11 +1,12 @@
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.models.classifier import Classifier, InputSpec, load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer, list_methods, method_class
-from dfkd.teacher import Classifier, InputSpec, load_classifier, new_classifier
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 
 FAST = {"batch_size": 20, "steps": 30}
 
@@ -39,8 +40,8 @@ def test_deepinversion_batch_is_valid_reproducible_and_counts_passes(teacher):
     assert batch["x"].shape == (20, 1, 8, 8)
     assert batch["x"].min() >= 0 and batch["x"].max() <= 1
     assert torch.equal(batch["x"], batch["x"].half().float())  # stored exactly as float16
-    assert torch.allclose(batch["logits"], teacher(batch["x"]), atol=1e-5)
-    assert sorted(batch["targets"].tolist()) == sorted(list(range(10)) * 2)
+    assert torch.allclose(batch["target_logits"], teacher(batch["x"]), atol=1e-5)
+    assert sorted(batch["classes"].tolist()) == sorted(list(range(10)) * 2)
     assert synth.teacher_passes == 20 * 30 + 20
     again = create_synthesizer("deepinv", teacher, FAST, seed=3).synthesize(None, 0)
     assert torch.equal(batch["x"], again["x"])
@@ -52,8 +53,8 @@ def test_deepinversion_makes_inputs_the_teacher_assigns_to_their_target(teacher)
     def ce_and_hit(steps):
         synth = create_synthesizer("deepinv", teacher, {**FAST, "steps": steps, "bn_weight": 1}, 0)
         b = synth.synthesize(None, 0)
-        ce = torch.nn.functional.cross_entropy(b["logits"], b["targets"]).item()
-        return ce, (b["logits"].argmax(1) == b["targets"]).float().mean().item()
+        ce = torch.nn.functional.cross_entropy(b["target_logits"], b["classes"]).item()
+        return ce, (b["target_logits"].argmax(1) == b["classes"]).float().mean().item()
 
     (ce_short, _), (ce_long, hit) = ce_and_hit(5), ce_and_hit(100)
     assert ce_long < 0.5 * ce_short
@@ -93,10 +94,21 @@ def test_transfer_set_parts_round_trip_and_truncate(tmp_path, teacher):
     loaded = TransferSet.open(tmp_path)
     assert torch.equal(loaded.tensors()["x"].float(), torch.cat([b["x"] for b in batches]))
     assert loaded.tensors()["x"].dtype == torch.float16
-    assert torch.equal(loaded.tensors()["logits"], torch.cat([b["logits"] for b in batches]))
+    assert torch.equal(loaded.tensors()["target_logits"],
+                       torch.cat([b["target_logits"] for b in batches]))
     assert len(TransferSet.open(tmp_path, limit=2)) == 40
     assert len(list(tmp_path.glob("part-*"))) == 2
     sample = loaded.sample(16, torch.Generator().manual_seed(0))
     assert sample["x"].shape == (16, 1, 8, 8) and sample["x"].dtype == torch.float32
     with pytest.raises(DfkdError, match="no transfer set"):
         TransferSet.open(tmp_path / "missing")
+
+
+def test_transfer_set_written_under_the_old_field_names_still_loads(tmp_path):
+    """Sets written before `logits` became `target_logits` and `targets` became `classes`."""
+    old = {"x": torch.rand(4, 1, 8, 8).half(), "logits": torch.randn(4, 10),
+           "targets": torch.arange(4), "seeds": torch.arange(4)}
+    save_file(old, str(tmp_path / "part-000000.safetensors"))
+    data = TransferSet.open(tmp_path).tensors()
+    assert torch.equal(data["target_logits"], old["logits"])
+    assert torch.equal(data["classes"], old["targets"])

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.teacher import (
+from dfkd.models.classifier import (
     Classifier,
     InputSpec,
     build_net,

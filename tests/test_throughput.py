@@ -10,11 +10,7 @@ import pytest
 import torch
 
 from dfkd.accel import Accel
-from dfkd.errors import DfkdError
-from dfkd.hooks import BNStatsHook, bn_layers
-from dfkd.synthesis import base, create_synthesizer
-from dfkd.synthesis.base import Options, Synthesizer
-from dfkd.throughput import (
+from dfkd.commands.throughput import (
     default_settings,
     run_throughput,
     set_bn_statistics,
@@ -22,6 +18,10 @@ from dfkd.throughput import (
     throughput_teacher,
     transfer_set_methods,
 )
+from dfkd.errors import DfkdError
+from dfkd.hooks import BNStatsHook, bn_layers
+from dfkd.synthesis import base, create_synthesizer
+from dfkd.synthesis.base import Options, Synthesizer
 
 TINY = {"steps": 1, "batch_size": 4, "models": ("lenet5",), "progress": False}
 KEYS = {"device", "device_name", "setting", "model", "input_shape", "method", "batch_size",
@@ -77,11 +77,11 @@ class _OneShot(Synthesizer):
     name, family, Options = "test_oneshot", "transfer_set", _OneShotOptions
 
     def synthesize(self, student, index):
-        gen = self.generator(index)
+        gen = self.rng(index)
         x = torch.rand((self.opts.batch_size, *self.teacher.spec.shape), generator=gen,
                        device=self.device)
         n = x.shape[0]
-        return {"x": x, "logits": self.label(x), "targets": torch.full((n,), -1),
+        return {"x": x, "target_logits": self.label(x), "classes": torch.full((n,), -1),
                 "seeds": torch.zeros(n, dtype=torch.long)}
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dfkd.train as train
+import dfkd.commands.train_teacher as train
+from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.errors import DfkdError
-from dfkd.train import TeacherConfig, train_teacher
 
 
 def _cfg(out):

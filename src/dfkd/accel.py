@@ -15,7 +15,7 @@ import torch
 
 from dfkd.config import PRECISIONS
 from dfkd.errors import DfkdError
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 
 @dataclass(frozen=True)

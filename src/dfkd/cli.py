@@ -79,10 +79,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dfkd.commands.suites import SUITE_NAMES
     from dfkd.config import AUGMENTATIONS, SCHEDULES, STUDENT_INITS
     from dfkd.data import DATASETS
-    from dfkd.student_update import UPDATES
-    from dfkd.suites import SUITE_NAMES
+    from dfkd.student.update import UPDATES
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
                                      "a student from a teacher, without the teacher's data.")
@@ -306,12 +306,12 @@ def run(argv: list[str]) -> int:
     command = "dfkd " + shlex.join(argv)
     progress = not getattr(args, "no_progress", False)
     if args.command == "quickstart":
-        from dfkd.quickstart import quickstart
+        from dfkd.commands.quickstart import quickstart
 
         quickstart(args.out, args.budget, args.seed, progress, args.teacher_epochs)
     elif args.command == "methods":
         from dfkd.config import DistillConfig
-        from dfkd.student_update import LRA
+        from dfkd.student.update import LRA
         from dfkd.synthesis import list_methods, method_class, methods_markdown
 
         if args.markdown:
@@ -330,7 +330,7 @@ def run(argv: list[str]) -> int:
             print(f"{kind}s: {', '.join(list_models(kind))}")
         print(f"classifier families (widths in the name): {', '.join(list_families())}")
     elif args.command == "train-teacher":
-        from dfkd.train import TeacherConfig, train_teacher
+        from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 
         cfg = _config(TeacherConfig, args, _flags(args, TeacherConfig))
         report = train_teacher(cfg, resume=args.resume, progress=progress, command=command)
@@ -338,21 +338,21 @@ def run(argv: list[str]) -> int:
               f"{100 * report['test_acc']:.2f}% -> {cfg.out}")
     elif args.command == "distill":
         from dfkd.config import DistillConfig
-        from dfkd.distill import distill
+        from dfkd.engine.distill import distill
 
         cfg = _config(DistillConfig, args, _with_teacher(args, _flags(args, DistillConfig)))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
               f"{_pct(r['teacher_acc'])}) -> {cfg.out}")
     elif args.command == "synthesize":
-        from dfkd.synthesize import SynthesizeConfig, synthesize_set
+        from dfkd.commands.synthesize import SynthesizeConfig, synthesize_set
 
         cfg = _config(SynthesizeConfig, args, _with_teacher(args, _flags(args, SynthesizeConfig)))
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")
     elif args.command == "quantize":
-        from dfkd.quantize import QuantizeConfig, quantize
+        from dfkd.commands.quantize import QuantizeConfig, quantize
 
         flags = _flags(args, QuantizeConfig)
         flags["model"] = _teacher_args(args, "model")
@@ -384,14 +384,14 @@ def _pct(v) -> str:
 
 def _bench(args, progress: bool, command: str) -> None:
     if args.suite == "throughput":
-        from dfkd.throughput import run_throughput, throughput_markdown
+        from dfkd.commands.throughput import run_throughput, throughput_markdown
 
         records = run_throughput(getattr(args, "out", "runs/throughput"), steps=args.steps,
                                  batch_size=args.batch_size, compile=args.compile,
                                  progress=progress)
         print(throughput_markdown(records))
         return
-    from dfkd.bench import BenchConfig, run_bench
+    from dfkd.commands.bench import BenchConfig, run_bench
 
     flags = _flags(args, BenchConfig)
     if hasattr(args, "method_options"):

@@ -12,19 +12,20 @@ import yaml
 from dfkd.errors import DfkdError
 from dfkd.io import write_text
 
-# the student-side augmentations of stored samples (dfkd.augment applies them; kept here, free of
-# torch, so that the CLI can offer them without importing it)
+# the student-side augmentations of stored samples (dfkd.data.augment applies them; kept
+# here, free of torch, so that the CLI can offer them without importing it)
 _BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
 AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
 
 # how a teacher may run (dfkd.accel.Accel), here for the same reason as AUGMENTATIONS
 PRECISIONS = ("fp32", "bf16")
 
-# how a transfer-set run is scheduled (dfkd.plan), and the fixed schedule's student steps per round
+# how a transfer-set run is scheduled (dfkd.engine.plan), and the fixed schedule's student
+# steps per round
 SCHEDULES = ("planned", "fixed")
 FIXED_STEPS_PER_ROUND = 200
 
-# where the student's weights start (dfkd.student_init), here for the same reason
+# where the student's weights start (dfkd.student.start), here for the same reason
 STUDENT_INITS = ("auto", "random", "teacher")
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
@@ -70,7 +71,7 @@ class TeacherArgs:
     num_classes: int | None = None
 
     def load(self):
-        from dfkd.teacher import load_classifier
+        from dfkd.models.classifier import load_classifier
 
         return load_classifier(self.path, arch=self.arch,
                                input_shape=tuple(self.input_shape) if self.input_shape else None,
@@ -89,7 +90,7 @@ class DistillConfig:
     student: str = ""  # zoo name or package.module:factory; "" = the usual student of a zoo
     # teacher (lenet5 -> lenet5_half, digits_cnn -> digits_cnn_quarter, resnet34 -> resnet18, ...)
     student_init: str = "auto"  # teacher (leading slices of the teacher's tensors, for a student
-    # that is a slimmer or shallower copy of it; dfkd/student_init.py) | random | auto (teacher
+    # that is a slimmer or shallower copy of it; dfkd/student/start.py) | random | auto (teacher
     # where the student is such a copy, else random)
     out: str = "runs/distill"
     budget: str = "5m"
@@ -112,8 +113,9 @@ class DistillConfig:
     augment: str = "shift+mix"  # none | shift | shift+flip | affine | affine+flip, each with an
     # optional +mix, on stored samples, relabelled by the teacher each step (a forward pass, far
     # cheaper than a new sample)
-    schedule: str = "planned"  # transfer-set methods: planned (dfkd.plan divides the budget by
-    # measured costs) | fixed (the method's own rounds, FIXED_STEPS_PER_ROUND student steps apart)
+    schedule: str = "planned"  # transfer-set methods: planned (dfkd.engine.plan divides the
+    # budget by measured costs) | fixed (the method's own rounds, FIXED_STEPS_PER_ROUND student
+    # steps apart)
     steps_per_round: int | None = None  # student steps between synthesis rounds; None: the
     # schedule's
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill

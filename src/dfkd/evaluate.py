@@ -12,7 +12,7 @@ import torch
 from dfkd.data import ImageDataset, fit_to_input, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.hooks import eval_mode
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 
 @dataclass

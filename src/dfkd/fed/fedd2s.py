@@ -28,7 +28,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.hooks import eval_mode
 from dfkd.losses import soft_target_loss
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from dfkd.fed.fedgen import class_weights, diversity_loss
 from dfkd.hooks import BNStatsHook, bn_layers
+from dfkd.models.classifier import Classifier
 from dfkd.models.generators import Generator
-from dfkd.teacher import Classifier
 
 
 @dataclass

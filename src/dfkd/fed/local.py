@@ -11,7 +11,7 @@ from torch import nn
 
 from dfkd.fed import fedd2s, fedgen
 from dfkd.fed.model_parts import head_of
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.hooks import get_module, head_path
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 
 def head_of(model: Classifier) -> nn.Linear:

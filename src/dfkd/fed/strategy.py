@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from dfkd.fed import fedd2s, fedftg, fedgen
 from dfkd.fed.model_parts import head_of, load_state, state_of
 from dfkd.fed.task import FedConfig
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
 
 
 def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ from dfkd.data import fit_to_input, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import EvalData
 from dfkd.fed.partition import dirichlet_split, label_counts
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier
 from dfkd.models.registry import model_input_shape
-from dfkd.teacher import Classifier, InputSpec, new_classifier
 
 ALGORITHMS = ("fedavg", "fedprox", "fedgen", "fedftg", "fedd2s")
 _DEFAULT_MODEL = {"digits": "digits_cnn_quarter", "mnist": "lenet5", "fashion-mnist": "lenet5"}

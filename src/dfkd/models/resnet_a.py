@@ -5,7 +5,7 @@ He et al. (2016) section 4.2: three stages of 16/32/64 channels, n basic blocks 
 The module names (`conv1`, `bn1`, `layer1..3`, `linear`) are those of the widely used
 akamaster/pytorch_resnet_cifar10 checkpoints (resnet20-12fca82f.th, resnet56-4bfd9763.th, ...),
 so those files load with `--arch resnet20a` as published: their nested `state_dict` and
-DataParallel's `module.` prefix are unwrapped by the loader (dfkd.teacher). The same names
+DataParallel's `module.` prefix are unwrapped by the loader (dfkd.models.classifier). The same names
 across depths make resnet8a a shallower copy of resnet20a, so `--student-init` applies.
 """
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from typing import ClassVar
 
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.teacher import Classifier
+from dfkd.models.classifier import Classifier
+from dfkd.options import build_options
 
 Batch = dict[str, torch.Tensor]
 _METHODS: dict[str, type[Synthesizer]] = {}
@@ -38,7 +38,7 @@ class Synthesizer:
     student_sees_teacher: ClassVar[bool] = True  # False: the student may not start from the
     # teacher's weights either (scratch_real, the no-teacher anchor, ignores --student-init)
     round_options: ClassVar[tuple[str, str]] = ("batch_size", "steps")  # a transfer-set round's
-    # samples and optimization steps: the options the engine's planner (dfkd.plan) may set
+    # samples and optimization steps: the options the engine's planner (dfkd.engine.plan) may set
 
     def __init__(self, teacher: Classifier, options, seed: int):
         self.teacher, self.opts, self.seed = teacher, options, seed
@@ -70,14 +70,14 @@ class Synthesizer:
         self.teacher_passes += x.shape[0]
         return self.teacher(x).float()
 
-    def generator(self, index: int) -> torch.Generator:
+    def rng(self, index: int) -> torch.Generator:
         """A per-batch RNG derived from (seed, index): batches are reproducible on their own."""
         return torch.Generator(self.device).manual_seed(self.batch_seed(index))
 
     def noise_start(self, index: int, batch_size: int, lr: float):
         """How a pixel-inversion round begins: batch `index`'s RNG, classes balanced over the
         batch, Gaussian inputs in the normalized space, and their Adam optimizer."""
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = balanced_targets(batch_size, self.teacher.spec.num_classes, gen)
         z = torch.randn((batch_size, *self.teacher.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
@@ -109,7 +109,7 @@ class Synthesizer:
         """Round `index` of a pixel-space method as stored: z as pixels, the teacher's logits
         on exactly those pixels, the intended classes and the round's seeds."""
         x = self.stored_pixels(z)
-        return {"x": x, "logits": self.label(x), "targets": targets,
+        return {"x": x, "target_logits": self.label(x), "classes": targets,
                 "seeds": self.seeds(index, len(x))}
 
     def stored_pixels(self, z: torch.Tensor) -> torch.Tensor:
@@ -225,35 +225,6 @@ def device_default(value, gpu, cpu, device: torch.device):
     if value:
         return value
     return gpu if device.type == "cuda" else cpu
-
-
-def build_options(options_cls: type, given: dict[str, object], owner: str) -> object:
-    """An Options dataclass from `key=value` strings or values: unknown names and values of the
-    wrong type are one-line errors naming `owner` (e.g. "student loss 'fa'")."""
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
-    hints = typing.get_type_hints(options_cls)
-    values = {}
-    for key, raw in given.items():
-        if key not in fields:
-            raise DfkdError(f"{owner} has no option '{key}'; options: "
-                            f"{', '.join(fields) or '(none)'}")
-        values[key] = _coerce(raw, hints[key], f"{owner} option '{key}'")
-    return options_cls(**values)
-
-
-def _coerce(raw, kind, what: str):
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if kind in (int, float, str):
-            return kind(raw)
-        return raw
-    except ValueError:
-        raise DfkdError(f"{what} expects {getattr(kind, '__name__', kind)}, got '{raw}'") from None
 
 
 def create_synthesizer(name: str, teacher: Classifier, options: dict, seed: int) -> Synthesizer:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import cut_mix, jitter_pixels, random_roll
+from dfkd.data.augment import cut_mix, jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import total_variation

@@ -246,7 +246,7 @@ class CMI(Synthesizer):
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
         c, side = t.spec.shape[0], t.spec.shape[1]
         net = _build(lambda: Generator(o.nz, c, o.ngf, side), self.device, gen)
@@ -277,7 +277,7 @@ class CMI(Synthesizer):
         if best_features is not None:
             self.bank.add(best_features)
         x = self.stored_pixels(best_x)
-        return {"x": x, "logits": self.label(x), "targets": y,
+        return {"x": x, "target_logits": self.label(x), "classes": y,
                 "seeds": self.seeds(index, o.batch_size)}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, adversary, gen: torch.Generator):

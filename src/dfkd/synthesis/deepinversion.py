@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import check_view, inversion_view, jitter_pixels
+from dfkd.data.augment import check_view, inversion_view, jitter_pixels
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import competition, total_variation

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import jitter_pixels, random_roll
+from dfkd.data.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_layers
 from dfkd.synthesis.base import (
@@ -168,7 +168,7 @@ class Fast(Synthesizer):
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
         z = torch.randn((o.batch_size, o.nz), generator=gen, device=self.device)
         z.requires_grad_(True)
@@ -187,7 +187,7 @@ class Fast(Synthesizer):
             with torch.no_grad():
                 best = fast(z)
         x = self.stored_pixels(best)
-        return {"x": x, "logits": self.label(x), "targets": y,
+        return {"x": x, "target_logits": self.label(x), "classes": y,
                 "seeds": self.seeds(index, o.batch_size)}
 
     def _adapt(self, fast, z, y, opt, judge, gen) -> tuple[torch.Tensor | None, list]:

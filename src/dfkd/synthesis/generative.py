@@ -208,7 +208,7 @@ class GeneratorMethod(Synthesizer):
         if self.adversarial and student is None:
             raise DfkdError(f"method '{self.name}' trains its generator against the student and "
                             "needs one (use dfkd distill, not dfkd synthesize)")
-        gen = self.generator(index)
+        gen = self.rng(index)
         if index % self.opts.g_every == 0:
             self.generator_step(student, gen)
         return self.batch(self.sample(gen, self.opts.batch_size), index)
@@ -243,8 +243,8 @@ class GeneratorMethod(Synthesizer):
     def batch(self, g: torch.Tensor, index: int) -> dict:
         x = self.teacher.denormalize(g.detach()).clamp(0, 1)
         n = x.shape[0]
-        return {"x": x, "logits": self.label(x),
-                "targets": torch.full((n,), -1, dtype=torch.long, device=x.device),
+        return {"x": x, "target_logits": self.label(x),
+                "classes": torch.full((n,), -1, dtype=torch.long, device=x.device),
                 "seeds": self.seeds(index, n)}
 
     def report(self) -> dict:
@@ -389,9 +389,9 @@ class RDSKD(GeneratorMethod):
     def synthesize(self, student, index):
         while (self.g_steps < self.opts.g_iters and not self.should_stop()
                and self.budget_used() < self.opts.stage1_share):
-            self.generator_step(student, self.generator(-2 - self.g_steps))
+            self.generator_step(student, self.rng(-2 - self.g_steps))
         self.G.eval()
-        return self.batch(self.sample(self.generator(index), self.opts.batch_size), index)
+        return self.batch(self.sample(self.rng(index), self.opts.batch_size), index)
 
     def objective(self, g, t_logits, s_logits):
         loss, oh, ie = rdskd_loss(t_logits, g, self.oh_prev, self.ie_prev, self.opts.div_weight)

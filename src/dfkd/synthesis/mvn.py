@@ -45,9 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.augment import INVERSION_VIEWS, inversion_view, jitter_pixels
+from dfkd.data.augment import INVERSION_VIEWS, inversion_view, jitter_pixels
 from dfkd.errors import DfkdError
-from dfkd.feature_space import FeatureSpace
 from dfkd.hooks import bn_layers, bn_stats_hooks
 from dfkd.losses import soft_target_loss, total_variation
 from dfkd.synthesis.base import (
@@ -57,6 +56,7 @@ from dfkd.synthesis.base import (
     balanced_targets,
     register_method,
 )
+from dfkd.synthesis.feature_space import FeatureSpace
 
 
 @dataclass
@@ -198,7 +198,7 @@ class MVN(CountsLabelMismatch, Synthesizer):
         return c.detach()
 
     @torch.no_grad()
-    def soft_targets(self, y: torch.Tensor, gen: torch.Generator):
+    def sampled_features(self, y: torch.Tensor, gen: torch.Generator):
         """Feature vectors h drawn for classes y, and the teacher's logits for them."""
         eps = torch.randn((len(y), self.factor.shape[1]), generator=gen, device=self.device)
         h = self._activate(self.class_centers[y] + eps @ self.factor.t())
@@ -209,9 +209,9 @@ class MVN(CountsLabelMismatch, Synthesizer):
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
-        h, target_logits = self.soft_targets(y, gen)
+        h, target_logits = self.sampled_features(y, gen)
         target = F.softmax(target_logits / o.temperature, dim=1)
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.augment import jitter_pixels, random_roll
+from dfkd.data.augment import jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import get_module, head_path
 from dfkd.synthesis.base import (
@@ -177,7 +177,7 @@ class Nayer(Synthesizer):
         o, t = self.opts, self.teacher
         if index % o.g_life == 0 and index != self.built_for:
             self.G, self.built_for = self._new_generator(index), index
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = chunked_targets(o.batch_size, t.spec.num_classes, gen)
         noise = self.G.draw_noise(o.batch_size, gen)
         opt = torch.optim.Adam(list(self.G.parameters()) + noise, lr=o.lr_g, betas=(0.5, 0.999))
@@ -207,7 +207,7 @@ class Nayer(Synthesizer):
             with torch.no_grad():
                 best = self.G(y)
         x = self.stored_pixels(best)
-        return {"x": x, "logits": self.label(x), "targets": y,
+        return {"x": x, "target_logits": self.label(x), "classes": y,
                 "seeds": self.seeds(index, o.batch_size)}
 
     def _view(self, g: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

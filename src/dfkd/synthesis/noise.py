@@ -26,9 +26,9 @@ class Noise(Synthesizer):
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
-        gen = self.generator(index)
+        gen = self.rng(index)
         z = o.sigma * torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         x = t.denormalize(z).clamp(0, 1)
-        return {"x": x, "logits": self.label(x),
-                "targets": torch.full((o.batch_size,), -1, dtype=torch.long),
+        return {"x": x, "target_logits": self.label(x),
+                "classes": torch.full((o.batch_size,), -1, dtype=torch.long),
                 "seeds": self.seeds(index, o.batch_size)}

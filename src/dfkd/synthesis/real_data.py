@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd.augment import FLIP_DATASETS, default_shift, mix_pairs, shift_flip
 from dfkd.data import fit_to_input, load_dataset
+from dfkd.data.augment import FLIP_DATASETS, default_shift, mix_pairs, shift_flip
 from dfkd.errors import DfkdError
 from dfkd.synthesis.base import Options, Synthesizer, register_method
 
@@ -89,7 +89,8 @@ class KDReal(RealData):
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
-        return {"x": x, "logits": self.label(x), "targets": y, "seeds": self.seeds(index, len(y))}
+        return {"x": x, "target_logits": self.label(x), "classes": y,
+                "seeds": self.seeds(index, len(y))}
 
 
 @register_method
@@ -102,4 +103,4 @@ class ScratchReal(RealData):
 
     def synthesize(self, student, index):
         x, y = self.real_batch(index)
-        return {"x": x, "labels": y, "targets": y, "seeds": self.seeds(index, len(y))}
+        return {"x": x, "labels": y, "classes": y, "seeds": self.seeds(index, len(y))}

@@ -79,7 +79,9 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
                             f"{head.out_features} outputs for {teacher.spec.num_classes} classes")
         self.similarity = class_similarity(head.weight).to(self.device)
 
-    def soft_targets(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def dirichlet_targets(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Probability vectors for classes y, drawn from the Dirichlet of each class's row of the
+        class similarity (half the batch at beta_high, half at beta_low)."""
         o = self.opts
         half = len(y) // 2
         beta = torch.full((len(y), 1), o.beta_low, device=self.device)
@@ -92,9 +94,9 @@ class ZSKD(CountsLabelMismatch, Synthesizer):
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher
-        gen = self.generator(index)
+        gen = self.rng(index)
         y = balanced_targets(o.batch_size, t.spec.num_classes, gen)
-        target = self.soft_targets(y, gen)
+        target = self.dirichlet_targets(y, gen)
         z = torch.randn((o.batch_size, *t.spec.shape), generator=gen, device=self.device)
         z.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=o.lr)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dfkd import augment, quant
+from dfkd.data import augment
 from dfkd.errors import DfkdError
+from dfkd.hooks import Tap, stage_outputs
 from dfkd.losses import feature_affinity_loss, kd_loss
+from dfkd.models.classifier import Classifier
 from dfkd.optim import cosine_lr
-from dfkd.student_losses import Tap, stage_outputs
-from dfkd.teacher import Classifier
+from dfkd.quant import pt2e as quant
 
 LOSSES = ("kd", "fa")
 

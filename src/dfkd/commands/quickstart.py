@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
-from dfkd.train import TeacherConfig, train_teacher
+from dfkd.engine.distill import distill
 
 # DeepInversion tuned for 8x8 digits under a one-minute budget: many short rounds (50 steps at a
 # higher learning rate) beat few long ones. The student relabels shifted copies of the samples

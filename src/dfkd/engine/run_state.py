@@ -18,7 +18,7 @@ class RunState:
     next_round: int = 0  # the student step at which the next transfer-set round is due
     image_steps: int = 0  # images x inversion steps synthesized (the planner's cost unit)
     set_passes: float = 0.0  # student passes over the transfer set as it stood at each draw
-    plan: dict = dataclasses.field(default_factory=dict)  # the schedule (dfkd.plan.Plan)
+    plan: dict = dataclasses.field(default_factory=dict)  # the schedule (dfkd.engine.plan.Plan)
     costs: dict = dataclasses.field(default_factory=dict)  # the costs it was planned from
 
     def elapsed(self) -> float:

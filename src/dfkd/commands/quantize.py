@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dfkd import quant
 from dfkd.accel import pick_device
-from dfkd.calibration import calibration_method, make_calibration
 from dfkd.config import TeacherArgs, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics
 from dfkd.io import write_json, write_text
-from dfkd.qat import FinetuneOptions, check_options, finetune
+from dfkd.quant import pt2e as quant
+from dfkd.quant.calibration import calibration_method, make_calibration
+from dfkd.quant.qat import FinetuneOptions, check_options, finetune
 from dfkd.report import save_samples
 
 

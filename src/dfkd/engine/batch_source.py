@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 
 from dfkd.config import FIXED_STEPS_PER_ROUND, Budget, DistillConfig
-from dfkd.plan import SYNTHESIS_SHARE, Costs, Plan, measure_costs, plan_run, replan_steps_per_round
-from dfkd.run_state import RunState
+from dfkd.engine.plan import (
+    SYNTHESIS_SHARE,
+    Costs,
+    Plan,
+    measure_costs,
+    plan_run,
+    replan_steps_per_round,
+)
+from dfkd.engine.run_state import RunState
+from dfkd.models.classifier import Classifier
 from dfkd.synthesis.base import Batch
-from dfkd.teacher import Classifier
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 
 PICTURED = 64  # samples of the newest batch kept for the run's samples.png
 
@@ -128,7 +135,7 @@ class GrowingSet(StoredSet):
             self.tset = TransferSet.open(self.root, limit=0)
 
     def pictured_targets(self) -> torch.Tensor | None:
-        targets = self.tset.parts[-1]["targets"] if self.tset.parts else None
+        targets = self.tset.parts[-1]["classes"] if self.tset.parts else None
         return targets if targets is not None and (targets >= 0).all() else None
 
 

@@ -27,10 +27,10 @@ import torch
 from torch.func import functional_call
 
 from dfkd.errors import DfkdError
-from dfkd.student_losses import StudentLoss
+from dfkd.models.classifier import Classifier
+from dfkd.options import build_options
+from dfkd.student.losses import StudentLoss
 from dfkd.synthesis import list_methods, method_class
-from dfkd.synthesis.base import build_options
-from dfkd.teacher import Classifier
 
 UPDATES = ("plain", "lra")
 

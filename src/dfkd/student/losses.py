@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import BN_TYPES, FeatureHook, dummy_forward, get_module, head_path
+from dfkd.hooks import Tap, dummy_forward, get_module, head_path, matched_layers
 from dfkd.losses import (
     attention_transfer_loss,
     fast_feature_affinity_loss,
@@ -48,83 +48,8 @@ from dfkd.losses import (
     logit_l1_loss,
     nce_loss,
 )
-from dfkd.synthesis.base import build_options
-from dfkd.teacher import Classifier
-
-
-class Tap(FeatureHook):
-    """A FeatureHook that records only while switched on (the loss's own forward passes, not
-    evaluation or synthesis, which would keep their activations alive) and keeps a copy, so an
-    in-place op later in the forward (ReLU(inplace=True)) cannot change what it saw. The copy is
-    differentiable: gradients reach the student through it."""
-
-    def __init__(self, module: nn.Module, *, capture: str = "output"):
-        super().__init__(module, capture=capture)
-        self.on = False
-
-    def _hook(self, module, inputs, output):
-        if self.on:
-            value = inputs[0] if self.capture == "input" else output
-            if not isinstance(value, torch.Tensor):
-                raise DfkdError(f"a hooked layer ({type(module).__name__}) gives "
-                                f"{type(value).__name__}, not a tensor; name other layers")
-            self.value = value.clone()
-
-
-def stage_outputs(model: Classifier) -> list[str]:
-    """Module paths that end each spatial resolution of a forward pass, shallow to deep.
-
-    1x1 maps (global pooling) carry no spatial attention and are left out; so are BatchNorm
-    outputs (in a pre-activation network the BN that reads a stage's output would otherwise end
-    the stage: the group output itself is what ZSKT transfers); a container that returns its
-    last child's tensor unchanged is named by that child (`stages.2`, not `stages`).
-    """
-    events: list[tuple[str, object]] = []
-    handles = [m.register_forward_hook(lambda mod, i, out, name=name: events.append((name, out)))
-               for name, m in model.net.named_modules() if name and not isinstance(m, BN_TYPES)]
-    try:
-        dummy_forward(model.net, model.spec.shape, model.mean.device)
-    finally:
-        for h in handles:
-            h.remove()
-    calls: dict[str, int] = {}
-    for name, _ in events:
-        calls[name] = calls.get(name, 0) + 1
-    last: dict[tuple, tuple[int, str, torch.Tensor]] = {}  # size -> its last (position, path, out)
-    for pos, (name, out) in enumerate(events):
-        if not (isinstance(out, torch.Tensor) and out.ndim == 4) or calls[name] > 1:
-            continue
-        size = tuple(out.shape[-2:])
-        prev = last.get(size)
-        passed_up = prev is not None and prev[2] is out and prev[1].startswith(name + ".")
-        if size != (1, 1) and not passed_up:
-            last[size] = (pos, name, out)
-    return [name for _, name, _ in sorted(last.values(), key=lambda v: v[0])]
-
-
-def matched_layers(teacher: Classifier, student: Classifier, spec: str,
-                   loss: str) -> list[tuple[str, str]]:
-    """(teacher path, student path) pairs: named in `spec` (T1:S1,T2:S2) or found by stage."""
-    if spec:
-        pairs = []
-        for item in spec.split(","):
-            t, sep, s = item.strip().partition(":")
-            if not sep or not t or not s:
-                raise DfkdError(f"layers takes TEACHER_PATH:STUDENT_PATH pairs separated by "
-                                f"commas, got '{item.strip()}'")
-            get_module(teacher.net, t)  # one-line errors listing the candidates
-            get_module(student.net, s)
-            pairs.append((t, s))
-        return pairs
-    stages = {}
-    for role, model in (("teacher", teacher), ("student", student)):
-        stages[role] = stage_outputs(model)
-        if not stages[role]:
-            raise DfkdError(f"student loss '{loss}' matches 4-D feature maps (N,C,H,W), but the "
-                            f"{role} ({model.arch}) has none; choose kd, l1 or crd, or name the "
-                            "layers with --loss-set layers=TEACHER_PATH:STUDENT_PATH")
-    k = min(len(stages["teacher"]), len(stages["student"]))
-    return list(zip(stages["teacher"][-k:], stages["student"][-k:], strict=True))
+from dfkd.models.classifier import Classifier
+from dfkd.options import build_options
 
 
 @dataclass

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd.accel import pick_device
-from dfkd.augment import FLIP_DATASETS, default_shift, shift_flip
-from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import prepare_run_dir
 from dfkd.data import fit_to_input, load_dataset
+from dfkd.data.augment import FLIP_DATASETS, default_shift, shift_flip
+from dfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.evaluate import eval_data_for, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_json, write_text
+from dfkd.models.classifier import InputSpec, default_input_shape, new_classifier, save_classifier
 from dfkd.optim import cosine_lr, make_optimizer
 from dfkd.report import save_curves
-from dfkd.teacher import InputSpec, default_input_shape, new_classifier, save_classifier
 
 DEFAULT_EPOCHS = {"digits": 40, "mnist": 10, "fashion-mnist": 20, "svhn": 30, "cifar10": 200,
                   "cifar100": 200, "folder": 30}

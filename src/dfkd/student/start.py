@@ -39,18 +39,18 @@ def misfits(student: nn.Module, teacher: nn.Module) -> list[str]:
             if name not in theirs or not _fits(value, theirs[name])]
 
 
-def check_student_init(how: str) -> None:
+def check_start(how: str) -> None:
     if how not in STUDENT_INITS:
         raise DfkdError(f"student_init must be one of {', '.join(STUDENT_INITS)}, got '{how}'")
 
 
 @torch.no_grad()
-def init_student(student: nn.Module, teacher: nn.Module, how: str) -> str:
+def start_student(student: nn.Module, teacher: nn.Module, how: str) -> str:
     """`random`: leave the architecture's own initialization. `teacher`: copy into every student
     tensor the leading slice of the teacher tensor of the same name; a student that is not a
     slimmer copy of the teacher is a one-line error naming the tensors that do not fit. `auto`:
     `teacher` where it fits, else `random`. Returns the start taken."""
-    check_student_init(how)
+    check_start(how)
     if how == "random":
         return how
     bad = misfits(student, teacher)

@@ -1,4 +1,5 @@
-"""The transfer set: synthetic inputs (float16) with teacher logits, targets and seeds.
+"""The transfer set: synthetic inputs (float16), the logits the student learns to match, the class
+each input was made for, and the seeds that reproduce it.
 
 Stored as numbered safetensors parts, one per synthesis round, each written atomically: a run
 killed at any moment keeps every finished round, and a resumed run continues after the last
@@ -17,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_path, write_json
 
-FIELDS = ("x", "logits", "targets", "seeds")
+FIELDS = ("x", "target_logits", "classes", "seeds")
+# the names two fields had in sets written before they were renamed; such sets still load
+LEGACY_NAMES = {"logits": "target_logits", "targets": "classes"}
 
 
 class TransferSet:
@@ -41,9 +44,10 @@ class TransferSet:
             files = files[:limit]
         for f in files:
             try:
-                ts.parts.append(load_file(str(f)))
+                part = load_file(str(f))
             except (SafetensorError, OSError) as e:
                 raise DfkdError(f"transfer-set part '{f}' is unreadable ({e}); delete it") from None
+            ts.parts.append({LEGACY_NAMES.get(k, k): v for k, v in part.items()})
         return ts
 
     def _files(self) -> list[Path]:
@@ -52,7 +56,7 @@ class TransferSet:
     def append(self, batch: dict[str, torch.Tensor]) -> None:
         part = {k: batch[k].detach().cpu() for k in FIELDS}
         part["x"] = part["x"].half()
-        part["logits"] = part["logits"].float()
+        part["target_logits"] = part["target_logits"].float()
         if self.root is not None:
             with atomic_path(self.root / f"part-{len(self.parts):06d}.safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
@@ -73,7 +77,8 @@ class TransferSet:
         CRD's memory is keyed by."""
         data = self.tensors()
         idx = torch.randperm(len(self), generator=gen)[:batch_size]
-        return {"x": data["x"][idx].float(), "logits": data["logits"][idx], "index": idx}
+        return {"x": data["x"][idx].float(), "target_logits": data["target_logits"][idx],
+                "index": idx}
 
     def write_meta(self, meta: dict) -> None:
         write_json(self.root / "meta.json", meta)

@@ -17,7 +17,7 @@ from dfkd.config import TeacherArgs, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
 from dfkd.synthesis import create_synthesizer
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 
 
 @dataclass
@@ -67,5 +67,5 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     bar.close()
     if tset.parts:
         save_samples(tset.parts[-1]["x"], out / "samples.png", f"{cfg.method}: transfer set",
-                     tset.parts[-1]["targets"])
+                     tset.parts[-1]["classes"])
     return meta

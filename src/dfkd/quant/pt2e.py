@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from dfkd.errors import DfkdError
 from dfkd.hooks import eval_mode
 from dfkd.io import atomic_path
-from dfkd.teacher import Classifier, InputSpec, new_classifier
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier
 
 SCHEMES = ("int8-static", "int8-dynamic", "int4-weight")
 _AFFINE_OPS = ("conv1d", "conv2d", "conv3d", "linear")

@@ -24,8 +24,8 @@ from dfkd.hooks import bn_layers
 from dfkd.io import write_json, write_text
 from dfkd.machine import device_name, machine_info
 from dfkd.models import model_input_shape
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier
 from dfkd.synthesis import create_synthesizer, list_methods, method_class
-from dfkd.teacher import Classifier, InputSpec, new_classifier
 
 MODELS = ("resnet34", "lenet5")  # ResNet-34 at 3x32x32 (CIFAR-10 scale), LeNet-5 at 1x32x32
 # Not a dataset any rule keys on: DeepInversion's flip "auto" is on, as on natural images.

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from dfkd.config import DistillConfig, TeacherArgs
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.models import create_model
-from dfkd.student_init import init_student
+from dfkd.student.start import start_student
 
 
 def _pair(teacher_arch: str, student_arch: str, seed: int = 0):
@@ -43,13 +43,13 @@ def test_a_slimmer_student_computes_the_teacher_it_was_cut_from(teacher_arch, st
     side = 32 if teacher_arch == "lenet5" else 8
     x = torch.randn(16, 1, side, side)
     assert not torch.allclose(student(x), teacher(x), atol=1e-3)
-    init_student(student, teacher, "teacher")
+    start_student(student, teacher, "teacher")
     torch.testing.assert_close(student(x), teacher(x), atol=1e-5, rtol=1e-5)
 
 
 def test_the_student_gets_the_leading_slices():
     teacher, student = _pair("lenet5", "lenet5_half")
-    init_student(student, teacher, "teacher")
+    start_student(student, teacher, "teacher")
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["features.0.weight"], t["features.0.weight"][:3])
     assert torch.equal(s["features.4.weight"], t["features.4.weight"][:8, :3])
@@ -60,7 +60,7 @@ def test_the_student_gets_the_leading_slices():
 
 def test_a_shallower_student_takes_the_leading_blocks():
     teacher, student = _pair("resnet56", "resnet20")
-    init_student(student, teacher, "teacher")
+    start_student(student, teacher, "teacher")
     t = teacher.state_dict()
     for name, value in student.state_dict().items():
         assert torch.equal(value, t[name]), name
@@ -70,7 +70,7 @@ def test_a_shallower_student_takes_the_leading_blocks():
 def test_random_leaves_the_student_as_built():
     teacher, student = _pair("lenet5", "lenet5_half")
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    init_student(student, teacher, "random")
+    start_student(student, teacher, "random")
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
@@ -81,19 +81,19 @@ def test_random_leaves_the_student_as_built():
 def test_a_student_that_is_no_slimmer_copy_is_a_one_line_error(teacher_arch, student_arch, named):
     teacher, student = _pair(teacher_arch, student_arch)
     with pytest.raises(DfkdError, match="slimmer copy") as err:
-        init_student(student, teacher, "teacher")
+        start_student(student, teacher, "teacher")
     assert named in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DfkdError, match="student_init must be one of auto, random, teacher"):
-        init_student(student, teacher, "pruned")
+        start_student(student, teacher, "pruned")
 
 
 def test_auto_inherits_where_the_student_fits_and_starts_random_where_not():
     teacher, student = _pair("lenet5", "lenet5_half")
-    assert init_student(student, teacher, "auto") == "teacher"
+    assert start_student(student, teacher, "auto") == "teacher"
     assert torch.equal(student.state_dict()["fc.bias"], teacher.state_dict()["fc.bias"])
     teacher, student = _pair("lenet5", "digits_cnn_quarter")
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    assert init_student(student, teacher, "auto") == "random"
+    assert start_student(student, teacher, "auto") == "random"
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 

@@ -1,18 +1,17 @@
 """The engine: a budgeted loop of synthesize -> train the student -> log, resumable at any kill.
 
-The loop has one shape for every method; its batch source (dfkd.batch_source) is what differs:
-transfer-set methods run a synthesis round whenever the schedule says one is due (dfkd.plan
-plans the rounds' size, their inversion steps and the student steps between them from measured
-costs; `--schedule fixed` keeps the method's own round every 200 student steps) and the student
-samples minibatches from everything synthesized so far; online methods hand the student a fresh
-batch every step. The budget (wall clock or steps) covers synthesis and training alike;
-evaluation and checkpointing stop the clock. A wall-clock budget is enforced inside synthesis
-too (the synthesizer asks its `Clock`): a method that runs out of time mid-round is stopped
-there, the unfinished round is dropped, and the student is evaluated where it stands, so every
-method gets the same budget. A checkpoint after every round and every `checkpoint_seconds`
-holds the student, optimizer, synthesizer, RNG states and the run's counters (RunState), so a
-resumed run replays exactly what the killed one would have done.
-"""
+The loop has one shape for every method; its batch source (dfkd.engine.batch_source) is what
+differs: transfer-set methods run a synthesis round whenever the schedule says one is due
+(dfkd.engine.plan plans the rounds' size, their inversion steps and the student steps between them
+from measured costs; `--schedule fixed` keeps the method's own round every 200 student steps) and
+the student samples minibatches from everything synthesized so far; online methods hand the student
+a fresh batch every step. The budget (wall clock or steps) covers synthesis and training alike;
+evaluation and checkpointing stop the clock. A wall-clock budget is enforced inside synthesis too
+(the synthesizer asks its `Clock`): a method that runs out of time mid-round is stopped there, the
+unfinished round is dropped, and the student is evaluated where it stands, so every method gets the
+same budget. A checkpoint after every round and every `checkpoint_seconds` holds the student,
+optimizer, synthesizer, RNG states and the run's counters (RunState), so a resumed run replays
+exactly what the killed one would have done. """
 
 from __future__ import annotations
 
@@ -23,25 +22,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dfkd import augment
 from dfkd.accel import Accel, pick_device
-from dfkd.batch_source import StoredSet, method_source
-from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
+from dfkd.data import augment
+from dfkd.engine.batch_source import StoredSet, method_source
+from dfkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl
 from dfkd.models import default_student
+from dfkd.models.classifier import Classifier, new_classifier, save_classifier
 from dfkd.optim import cosine_lr, make_optimizer
 from dfkd.report import save_curves, save_samples, write_report
-from dfkd.run_state import RunState
-from dfkd.student_init import init_student
-from dfkd.student_losses import StudentLoss, create_student_loss
-from dfkd.student_update import create_update
+from dfkd.student.losses import StudentLoss, create_student_loss
+from dfkd.student.start import start_student
+from dfkd.student.update import create_update
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.base import Clock
-from dfkd.teacher import Classifier, new_classifier, save_classifier
-from dfkd.transfer_set import TransferSet
+from dfkd.synthesis.transfer_set import TransferSet
 
 LOG_EVERY = 25  # student steps between loss records in metrics.jsonl
 
@@ -99,7 +98,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         source = method_source(synth, out, cfg.augment, lambda: accel.autocast(device))
-    start = init_student(student.net, teacher.net, student_start(cfg, synth))
+    start = start_student(student.net, teacher.net, requested_start(cfg, synth))
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
@@ -191,7 +190,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         if budget.done(state.step, state.elapsed()):
             break  # an online method's batch used up the budget
         x = batch["x"].to(device)
-        teacher_logits = batch["logits"].to(device) if "logits" in batch else None
+        teacher_logits = batch["target_logits"].to(device) if "target_logits" in batch else None
         relabel = source.augment != "none"
         if relabel:
             x = augment.apply(source.augment, batch["x"], gen).to(device)
@@ -261,7 +260,7 @@ def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
     return crit(logits, teacher_logits, batch, set_size=set_size, gen=gen)
 
 
-def student_start(cfg: DistillConfig, synth) -> str:
+def requested_start(cfg: DistillConfig, synth) -> str:
     """Where the student's weights are asked to start: --student-init, except for the
     no-teacher anchor, which always starts random."""
     return cfg.student_init if synth is None or synth.student_sees_teacher else "random"

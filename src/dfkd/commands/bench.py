@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
+from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config, to_dict
-from dfkd.distill import distill
+from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
-from dfkd.student_init import check_student_init
-from dfkd.student_update import online_methods
-from dfkd.suites import SUITE_NAMES, SUITES, Suite, published_file
+from dfkd.student.start import check_start
+from dfkd.student.update import online_methods
 from dfkd.synthesis import list_methods, method_class
-from dfkd.train import TeacherConfig, train_teacher
 
 ANCHORS = ("kd_real", "scratch_real")
 DEFAULT_METHOD = DistillConfig.method
@@ -57,7 +57,7 @@ class BenchConfig:
     # keep theirs, so the ceiling stays the same
     student_init: str = "auto"  # where every student starts, kd_real's too (auto | random |
     # teacher)
-    schedule: str = "planned"  # transfer-set rounds: planned by cost | fixed (dfkd.plan)
+    schedule: str = "planned"  # transfer-set rounds: planned by cost | fixed (dfkd.engine.plan)
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
@@ -159,7 +159,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
     suite = SUITES[cfg.suite]
     cfg = dataclasses.replace(cfg, budget=cfg.budget or suite.budget)
     Budget.parse(cfg.budget)
-    check_student_init(cfg.student_init)  # before any run, not once per failed method
+    check_start(cfg.student_init)  # before any run, not once per failed method
     if suite.needs_data_root and not cfg.data_root:
         raise DfkdError(f"suite '{cfg.suite}' needs --data-root with the {suite.dataset} files "
                         "(its anchors and evaluation use the real data)")

@@ -22,8 +22,8 @@ import torch
 
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.errors import DfkdError
+from dfkd.models.classifier import Classifier
 from dfkd.synthesis import create_synthesizer, method_class
-from dfkd.teacher import Classifier
 
 SOURCES = {  # calibration name -> (dfkd method, options it sets)
     "gaussian": ("noise", {}),
