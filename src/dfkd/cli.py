@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shlex
 import sys
+import typing
 
 from dfkd import __version__
 from dfkd.errors import DfkdError
@@ -39,50 +40,70 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _add_model_source(p: argparse.ArgumentParser, flag: str, help_text: str) -> None:
-    p.add_argument(flag, required=True, help=help_text)
-    p.add_argument("--arch", default=S, help="architecture: a zoo name or package.module:factory "
-                   "(needed when the weights do not say)")
-    p.add_argument("--input-shape", type=_shape, default=S, metavar="C,H,W",
-                   help="input shape, for weights that carry no spec")
-    p.add_argument("--mean", type=_floats, default=S, help="normalization mean (1 or per channel)")
-    p.add_argument("--std", type=_floats, default=S, help="normalization std (one or per channel)")
-    p.add_argument("--num-classes", type=int, default=S, help="number of classes (else inferred)")
+def _parse_as(kind) -> object:
+    """How argparse reads a flag of this annotation (the part that is not None)."""
+    if kind == list[float]:
+        return _floats
+    if kind == list[int]:
+        return _shape
+    return kind
 
 
-def _teacher_args(args, flag: str):
+def add_options(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the config dataclass `cls` declared with `config.option`, named,
+    typed and explained by the field alone. A field holding a TeacherArgs is the flag for its
+    path (`--teacher`, `--model`) plus TeacherArgs' own; a dict field takes KEY=VALUE, repeated."""
     from dfkd.config import TeacherArgs
 
-    return TeacherArgs(path=getattr(args, flag), arch=getattr(args, "arch", None),
-                       input_shape=getattr(args, "input_shape", None),
-                       mean=getattr(args, "mean", None), std=getattr(args, "std", None),
-                       num_classes=getattr(args, "num_classes", None))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("cli")
+        if meta is None:
+            continue
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
+                    hints[f.name])
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": S, "help": _with_default(meta["help"], f)}
+        if kind is TeacherArgs:
+            p.add_argument(flag, required=True, help=meta["help"])
+            add_options(p, TeacherArgs)
+            continue
+        if kind is bool:
+            kw["action"] = "store_true"
+        elif kind is dict:
+            kw.update(type=_key_value, action="append", metavar=meta["metavar"] or "KEY=VALUE")
+        else:
+            kw["type"] = _parse_as(kind)
+            if kind == list[int]:
+                kw["metavar"] = "C,H,W"
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"] and kind is not dict:
+            kw["metavar"] = meta["metavar"]
+        p.add_argument(flag, **kw)
 
 
-def _accel(p: argparse.ArgumentParser) -> None:
-    from dfkd.config import PRECISIONS
-
-    p.add_argument("--precision", choices=PRECISIONS, default=S,
-                   help="bf16: synthesis and the teacher's relabelling under autocast (GPU)")
-    p.add_argument("--channels-last", action="store_true", default=S,
-                   help="run the teacher in channels_last memory format (GPU)")
-    p.add_argument("--compile", action="store_true", default=S,
-                   help="run the teacher through torch.compile")
+def _with_default(help_text: str, f: dataclasses.Field) -> str:
+    """The help, with the field's default where the help does not already say it."""
+    if "default" in help_text or any(f.default is v for v in (None, False, dataclasses.MISSING)) \
+            or f.default == "":
+        return help_text
+    return f"{help_text} (default {f.default})"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    p.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
+def _common(p: argparse.ArgumentParser, config_of: str = "a run's config.yaml") -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
+    p.add_argument("--config", help=f"YAML config ({config_of}); flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfkd.commands.suites import SUITE_NAMES
-    from dfkd.config import AUGMENTATIONS, SCHEDULES, STUDENT_INITS
-    from dfkd.data import DATASETS
-    from dfkd.student.update import UPDATES
+    from dfkd.commands.bench import BenchConfig
+    from dfkd.commands.quantize import QuantizeConfig
+    from dfkd.commands.synthesize import SynthesizeConfig
+    from dfkd.commands.train_teacher import TeacherConfig
+    from dfkd.config import SOURCE, DistillConfig, TeacherArgs
+    from dfkd.fed.task import FedConfig
 
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free knowledge distillation: "
                                      "a student from a teacher, without the teacher's data.")
@@ -101,173 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model zoo")
 
     p = sub.add_parser("train-teacher", help="train a teacher with supervision")
-    p.add_argument("--dataset", default=S, choices=DATASETS)
-    p.add_argument("--model", default=S, help="zoo name or package.module:factory")
-    p.add_argument("--out", default=S)
-    p.add_argument("--data-root", default=S)
-    p.add_argument("--epochs", type=int, default=S)
-    p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--lr", type=float, default=S)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=S)
-    p.add_argument("--input-shape", type=_shape, default=S, metavar="C,H,W")
+    add_options(p, TeacherConfig)
     _common(p)
 
     p = sub.add_parser("distill", help="distill a student from a teacher without data")
-    _add_model_source(p, "--teacher", "teacher: run directory, .safetensors or state-dict file")
-    p.add_argument("--method", default=S, help="synthesis method (see `dfkd methods`)")
-    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
-                   metavar="KEY=VALUE", help="a method option, e.g. --set steps=500 (repeatable)")
-    p.add_argument("--student", default=S, help="zoo name or package.module:factory (default: "
-                   "the usual student of a zoo teacher, e.g. lenet5 -> lenet5_half)")
-    p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
-                   help="teacher: start from the leading slices of the teacher's weights (a "
-                   "student that is a slimmer or shallower copy of it), random: the "
-                   "architecture's own initialization, or auto (default): teacher where the "
-                   "student is such a copy, else random")
-    p.add_argument("--out", default=S)
-    p.add_argument("--budget", default=S, help="wall clock (90s, 10m, 1h) or steps (2000steps)")
-    p.add_argument("--eval-dataset", default=S, help="report-only evaluation data; 'none' for "
-                   "none (default: the teacher's training dataset if recorded)")
-    p.add_argument("--data-root", default=S)
-    p.add_argument("--transfer-set", default=S, help="train on a set from `dfkd synthesize`")
-    p.add_argument("--temperature", type=float, default=S)
-    p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
-                   help="the student's loss (default: the method's own, kd for most): kd, l1 on "
-                   "logits, at (KD + attention transfer), fa (KD + feature affinity), crd (KD + "
-                   "contrastive representation distillation; transfer-set methods only)")
-    p.add_argument("--loss-set", dest="loss_options", type=_key_value, action="append",
-                   default=S, metavar="KEY=VALUE",
-                   help="a student-loss option, e.g. --loss-set weight=100 (repeatable)")
-    p.add_argument("--update", choices=UPDATES, default=S,
-                   help="student update of an online method: plain optimizer step (default) or "
-                   "lra (meta step on the new batch + replay memory of past ones)")
-    p.add_argument("--update-set", dest="update_options", type=_key_value, action="append",
-                   default=S, metavar="KEY=VALUE",
-                   help="a student-update option, e.g. --update-set memory=20 (repeatable)")
-    p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default=S,
-                   help="the student's optimizer (default sgd with Nesterov momentum 0.9; adam "
-                   "is AdamW)")
-    p.add_argument("--lr", type=float, default=S,
-                   help="the student's learning rate (default 0.1 for sgd, 1e-3 for adam), "
-                   "cosine-decayed over the budget")
-    p.add_argument("--augment", default=S, choices=AUGMENTATIONS,
-                   help="augment stored samples and relabel them by the teacher (default "
-                   "shift+mix: shift, then blend random pairs; affine adds rotation and scale)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=S,
-                   help="transfer-set methods: planned (default: samples per round, inversion "
-                   "steps and student steps between rounds planned from measured costs for the "
-                   "budget) or fixed (the method's own rounds, 200 student steps apart)")
-    p.add_argument("--steps-per-round", type=int, default=S,
-                   help="student steps between synthesis rounds (default: the schedule's)")
-    p.add_argument("--eval-points", type=int, default=S)
-    _accel(p)
+    add_options(p, DistillConfig)
     _common(p)
 
     p = sub.add_parser("synthesize", help="write a transfer set for later distillation")
-    _add_model_source(p, "--teacher", "teacher: run directory, .safetensors or state-dict file")
-    p.add_argument("--method", default=S)
-    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
-                   metavar="KEY=VALUE")
-    p.add_argument("--num", type=int, default=S, help="number of samples (default 10000)")
-    p.add_argument("--out", default=S)
-    _accel(p)
+    add_options(p, SynthesizeConfig)
     _common(p)
 
     p = sub.add_parser("bench", help="every method side by side on one suite, with anchors")
-    p.add_argument("--suite", required=True, choices=SUITE_NAMES)
-    p.add_argument("--methods", default=S, help="all (default), default, or names like "
-                   "deepinv,noise; NAME[key=value;...] adds a variant with its own options "
-                   "(a row of its own); the real-data anchors kd_real and scratch_real always run")
-    p.add_argument("--budget", default=S, help="per method and seed (default: the suite's: "
-                   "60s for digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
-                   "cifar10-r56)")
-    p.add_argument("--seeds", type=int, default=S, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--out", default=S)
-    p.add_argument("--data-root", default=S, help="the suite dataset's files (not for digits)")
-    p.add_argument("--teacher-epochs", type=int, default=S)
-    p.add_argument("--teacher-cache", default=S,
-                   help="where trained suite teachers are kept (default ~/.cache/dfkd/teachers)")
-    p.add_argument("--models-root", default=S, help="where the published teachers of the "
-                   "cifar10-r20/-r56 suites are (default $DFKD_MODELS or ~/.cache/dfkd/models)")
-    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
-                   metavar="METHOD.KEY=VALUE", help="a method option, e.g. --set deepinv.steps=100")
-    p.add_argument("--loss", default=S, metavar="{kd,l1,at,fa,crd}",
-                   help="the student's loss for every data-free method (default: each method's "
-                   "own); the anchors keep theirs")
-    p.add_argument("--student-init", choices=STUDENT_INITS, default=S,
-                   help="where every student starts, the kd_real anchor's too: auto (default), "
-                   "teacher or random (scratch_real always starts random)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=S,
-                   help="transfer-set rounds of every method: planned by cost (default) or fixed")
-    p.add_argument("--eval-points", type=int, default=S)
-    p.add_argument("--device", default=S)
+    add_options(p, BenchConfig)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
     p.add_argument("--batch-size", type=int, default=256, help="throughput: images per batch")
     p.add_argument("--compile", action="store_true", help="throughput: also time torch.compile "
                    "(CUDA)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--config", help="YAML config (a benchmark's bench.yaml); flags override it")
 
     p = sub.add_parser("quantize", help="an integer model from a float one, calibrated without "
                        "data (torchao)")
-    _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
-    p.add_argument("--calibration", default=S, help="comma-separated sources, the first one is "
-                   "exported: gaussian, inception, bns (default), mixmix, any transfer-set "
-                   "method (deepinv, mvn, ...), real (the anchor; added as a row when the "
-                   "training files load)")
-    p.add_argument("--scheme", default=S, choices=("int8-static", "int8-dynamic", "int4-weight"))
-    p.add_argument("--finetune", default=S, choices=("none", "kd", "fa"),
-                   help="quantization-aware fine-tuning on the calibration set, the float model "
-                   "teaching: kd, or fa (KD + feature affinity, FAQD); default none")
-    p.add_argument("--finetune-steps", type=int, default=S)
-    p.add_argument("--finetune-lr", type=float, default=S)
-    p.add_argument("--calibration-size", type=int, default=S, help="inputs per source (512)")
-    p.add_argument("--extra-teachers", default=S, help="mixmix: comma-separated models inverted "
-                   "together with --model")
-    p.add_argument("--set", dest="method_options", type=_key_value, action="append", default=S,
-                   metavar="[SOURCE.]KEY=VALUE", help="an option of the synthesis methods "
-                   "behind the calibration: KEY for every source, SOURCE.KEY for one, e.g. "
-                   "--set bns.steps=100")
-    p.add_argument("--eval-dataset", default=S, help="report-only evaluation data (default: "
-                   "the dataset the model records)")
-    p.add_argument("--data-root", default=S)
-    p.add_argument("--out", default=S)
-    p.add_argument("--latency-batch", type=int, default=S)
-    p.add_argument("--compile", action="store_true", default=S,
-                   help="time latency under torch.compile (inductor lowers int8 to oneDNN)")
-    p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--device", default=S)
-    p.add_argument("--no-progress", action="store_true")
+    add_options(p, QuantizeConfig)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
 
     p = sub.add_parser("fed", help="federated learning with data-free distillation on Flower "
                        "(FedAvg, FedProx, FedGen, FedFTG, FedD2S)")
-    p.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist")
-    p.add_argument("--data-root", default=S)
-    p.add_argument("--model", default=S, help="zoo model (default lenet5 for mnist, "
-                   "digits_cnn_quarter for digits)")
-    p.add_argument("--clients", type=int, default=S, help="number of clients (10)")
-    p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration of the label "
-                   "split (0.1: each client holds one or two classes)")
-    p.add_argument("--algo", dest="algos", default=S, help="comma-separated: fedavg, fedprox, "
-                   "fedgen, fedftg, fedd2s (default all)")
-    p.add_argument("--rounds", type=int, default=S)
-    p.add_argument("--fraction", type=float, default=S, help="share of clients per round (0.5)")
-    p.add_argument("--seeds", type=int, default=S, help="seeds 0..S-1 (split and initialisation)")
-    p.add_argument("--local-steps", type=int, default=S, help="client SGD steps per round (20)")
-    p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--lr", type=float, default=S, help="client SGD learning rate (0.01)")
-    p.add_argument("--momentum", type=float, default=S, help="client SGD momentum (0: plain SGD, "
-                   "as FedGen's authors)")
-    p.add_argument("--superlink", default=S, help="HOST:PORT of a deployed SuperLink (default: "
-                   "Flower's simulation engine)")
-    p.add_argument("--out", default=S)
-    p.add_argument("--no-progress", action="store_true")
+    add_options(p, FedConfig)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
 
     p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
-    _add_model_source(p, "--model", "model: run directory, .safetensors or state-dict file")
+    p.add_argument("--model", required=True, help=f"model: {SOURCE}")
+    add_options(p, TeacherArgs)
     p.add_argument("--dataset", default=None, help="default: the dataset the model records")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test", choices=("train", "test"))
@@ -285,20 +174,29 @@ def _config(cls, args, flags: dict):
 
 
 def _flags(args, cls) -> dict:
-    """The options the user gave that are fields of the config dataclass `cls`: a flag's dest is
-    its field's name, and a flag left out is absent (SUPPRESS), so no list repeats the names."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    """The options the user gave for the config dataclass `cls`: a flag's dest is its field's
+    name and a flag left out is absent (SUPPRESS), so no list repeats the names."""
+    from dfkd.config import TeacherArgs
 
-
-def _with_teacher(args, flags: dict) -> dict:
-    """Add the teacher source and any --set method options to a command's config flags."""
-    flags["teacher"] = _teacher_args(args, "teacher")
-    if hasattr(args, "method_options"):
-        flags["method_options"] = dict(args.method_options)
-    for name in ("loss_options", "update_options"):
-        if hasattr(args, name):
-            flags[name] = dict(getattr(args, name))
+    hints = typing.get_type_hints(cls)
+    flags = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if hints[f.name] is TeacherArgs:
+                value = _teacher_args(args, f.name)
+            elif hints[f.name] is dict:
+                value = dict(value)
+            flags[f.name] = value
     return flags
+
+
+def _teacher_args(args, dest: str):
+    from dfkd.config import TeacherArgs
+
+    return TeacherArgs(path=getattr(args, dest), **{
+        f.name: getattr(args, f.name, None) for f in dataclasses.fields(TeacherArgs)
+        if f.name != "path"})
 
 
 def run(argv: list[str]) -> int:
@@ -340,25 +238,21 @@ def run(argv: list[str]) -> int:
         from dfkd.config import DistillConfig
         from dfkd.engine.distill import distill
 
-        cfg = _config(DistillConfig, args, _with_teacher(args, _flags(args, DistillConfig)))
+        cfg = _config(DistillConfig, args, _flags(args, DistillConfig))
         r = distill(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{r['method']}: student {_pct(r['student_acc'])} (teacher "
               f"{_pct(r['teacher_acc'])}) -> {cfg.out}")
     elif args.command == "synthesize":
         from dfkd.commands.synthesize import SynthesizeConfig, synthesize_set
 
-        cfg = _config(SynthesizeConfig, args, _with_teacher(args, _flags(args, SynthesizeConfig)))
+        cfg = _config(SynthesizeConfig, args, _flags(args, SynthesizeConfig))
         meta = synthesize_set(cfg, resume=args.resume, progress=progress, command=command)
         print(f"{meta['samples']} samples ({meta['method']}) in {meta['seconds']:.1f} s "
               f"-> {cfg.out}")
     elif args.command == "quantize":
         from dfkd.commands.quantize import QuantizeConfig, quantize
 
-        flags = _flags(args, QuantizeConfig)
-        flags["model"] = _teacher_args(args, "model")
-        if hasattr(args, "method_options"):
-            flags["method_options"] = dict(args.method_options)
-        cfg = _config(QuantizeConfig, args, flags)
+        cfg = _config(QuantizeConfig, args, _flags(args, QuantizeConfig))
         r = quantize(cfg, progress=progress, command=command)
         print(f"{r['scheme']} ({r['calibration']}): {_pct(r['quant_acc'])} (fp32 "
               f"{_pct(r['fp32_acc'])}, real calibration {_pct(r['real_calibration_acc'])}), "
@@ -394,12 +288,10 @@ def _bench(args, progress: bool, command: str) -> None:
     from dfkd.commands.bench import BenchConfig, run_bench
 
     flags = _flags(args, BenchConfig)
-    if hasattr(args, "method_options"):
-        bad = [k for k, _ in args.method_options if "." not in k]
-        if bad:
-            raise DfkdError(f"bench --set takes METHOD.KEY=VALUE (e.g. deepinv.steps=100), got "
-                            f"'{bad[0]}'")
-        flags["method_options"] = dict(args.method_options)
+    bad = [k for k in flags.get("method_options", {}) if "." not in k]
+    if bad:
+        raise DfkdError(f"bench --set takes METHOD.KEY=VALUE (e.g. deepinv.steps=100), got "
+                        f"'{bad[0]}'")
     cfg = _config(BenchConfig, args, flags)
     run_bench(cfg, progress=progress, command=command)
     print(f"results in {cfg.out}: results.json, results.md, curves.png, passes.png")

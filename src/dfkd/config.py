@@ -25,8 +25,24 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("planned", "fixed")
 FIXED_STEPS_PER_ROUND = 200
 
-# where the student's weights start (dfkd.student.start), here for the same reason
+# where the student's weights start (dfkd.student.start), and how an online method's batch
+# moves them (dfkd.student.update), here for the same reason
 STUDENT_INITS = ("auto", "random", "teacher")
+UPDATES = ("plain", "lra")
+
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, factory=None, choices=None,
+           metavar: str | None = None, flag: str | None = None):
+    """A config field that is also a command-line flag, named once: the CLI
+    (`cli.add_options`) makes `--field-name` (or `flag`) from it, typed by the field's annotation,
+    with this help, choices and metavar. A field declared without it is no flag (config files
+    may still set it)."""
+    meta = {"cli": {"help": help, "choices": choices, "metavar": metavar, "flag": flag}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
@@ -61,14 +77,16 @@ class Budget:
 
 @dataclass
 class TeacherArgs:
-    """Where the teacher comes from; the spec flags are for weights that carry no spec."""
+    """Where the teacher comes from; the spec flags are for weights that carry no spec. A config
+    field of this type is a command-line flag for the path (`--teacher`, `--model`) plus these."""
 
     path: str = ""
-    arch: str | None = None
-    input_shape: list[int] | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    num_classes: int | None = None
+    arch: str | None = option(None, "architecture: a zoo name or package.module:factory (needed "
+                              "when the weights do not say)")
+    input_shape: list[int] | None = option(None, "input shape, for weights that carry no spec")
+    mean: list[float] | None = option(None, "normalization mean (one or per channel)")
+    std: list[float] | None = option(None, "normalization std (one or per channel)")
+    num_classes: int | None = option(None, "number of classes (else inferred)")
 
     def load(self):
         from dfkd.models.classifier import load_classifier
@@ -80,50 +98,69 @@ class TeacherArgs:
                                num_classes=self.num_classes)
 
 
+SOURCE = "run directory, .safetensors or state-dict file"
+
+
 @dataclass
 class DistillConfig:
     """Everything `dfkd distill` needs; config.yaml is this dataclass."""
 
-    teacher: TeacherArgs = field(default_factory=TeacherArgs)
-    method: str = "deepinv"
-    method_options: dict = field(default_factory=dict)
-    student: str = ""  # zoo name or package.module:factory; "" = the usual student of a zoo
-    # teacher (lenet5 -> lenet5_half, digits_cnn -> digits_cnn_quarter, resnet34 -> resnet18, ...)
-    student_init: str = "auto"  # teacher (leading slices of the teacher's tensors, for a student
-    # that is a slimmer or shallower copy of it; dfkd/student/start.py) | random | auto (teacher
-    # where the student is such a copy, else random)
-    out: str = "runs/distill"
-    budget: str = "5m"
-    seed: int = 0
-    device: str = "auto"
-    eval_dataset: str | None = None  # None: the teacher's training dataset if known; "none": off
-    data_root: str | None = None
-    eval_points: int = 10  # evaluations spread evenly over the budget (reporting only)
-    transfer_set: str | None = None  # train on a saved set instead of synthesizing
-    temperature: float | None = None  # None: the method's default
-    loss: str = ""  # student loss: kd | l1 | at | fa | crd; "" = the method's default (kd for
-    # most, l1 for DFAD, at for ZSKT)
-    loss_options: dict = field(default_factory=dict)  # the loss's options, e.g. {"weight": 100}
-    update: str = "plain"  # student update of online methods: plain | lra (student_update.py)
-    update_options: dict = field(default_factory=dict)  # e.g. {"memory": 10}
-    batch_size: int = 256  # student minibatch
-    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) | adam (AdamW)
-    lr: float | None = None  # None: 0.1 for sgd, 1e-3 for adam; cosine decay over the budget
+    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {SOURCE}")
+    method: str = option("deepinv", "synthesis method (see `dfkd methods`)")
+    method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
+                                  "--set steps=500 (repeatable)")
+    student: str = option("", "zoo name or package.module:factory (default: the usual student "
+                          "of a zoo teacher, e.g. lenet5 -> lenet5_half, resnet34 -> resnet18)")
+    student_init: str = option("auto", "teacher: start from the leading slices of the teacher's "
+                               "weights (a student that is a slimmer or shallower copy of it), "
+                               "random: the architecture's own initialization, or auto "
+                               "(default): teacher where the student is such a copy, else random",
+                               choices=STUDENT_INITS)
+    out: str = option("runs/distill", "run directory")
+    budget: str = option("5m", "wall clock (90s, 10m, 1h) or steps (2000steps)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    eval_dataset: str | None = option(None, "report-only evaluation data; 'none' for none "
+                                      "(default: the teacher's training dataset if recorded)")
+    data_root: str | None = option(None, "where the evaluation dataset's files are")
+    eval_points: int = option(10, "evaluations spread evenly over the budget (reporting only)")
+    transfer_set: str | None = option(None, "train on a set from `dfkd synthesize` instead of "
+                                      "synthesizing")
+    temperature: float | None = option(None, "KD temperature (default: the method's)")
+    loss: str = option("", "the student's loss (default: the method's own, kd for most): kd, "
+                       "l1 on logits, at (KD + attention transfer), fa (KD + feature affinity), "
+                       "crd (KD + contrastive representation distillation; transfer-set methods "
+                       "only)", metavar="{kd,l1,at,fa,crd}")
+    loss_options: dict = option(factory=dict, flag="--loss-set", help="a student-loss option, "
+                                "e.g. --loss-set weight=100 (repeatable)")
+    update: str = option("plain", "student update of an online method: plain optimizer step "
+                         "(default) or lra (meta step on the new batch + replay memory of past "
+                         "ones)", choices=UPDATES)
+    update_options: dict = option(factory=dict, flag="--update-set", help="a student-update "
+                                  "option, e.g. --update-set memory=20 (repeatable)")
+    batch_size: int = option(256, "student minibatch")
+    optimizer: str = option("sgd", "the student's optimizer: sgd (Nesterov momentum 0.9) or "
+                            "adam (AdamW)", choices=("sgd", "adam"))
+    lr: float | None = option(None, "the student's learning rate (default 0.1 for sgd, 1e-3 for "
+                              "adam), cosine-decayed over the budget")
     weight_decay: float = 5e-4
-    augment: str = "shift+mix"  # none | shift | shift+flip | affine | affine+flip, each with an
-    # optional +mix, on stored samples, relabelled by the teacher each step (a forward pass, far
-    # cheaper than a new sample)
-    schedule: str = "planned"  # transfer-set methods: planned (dfkd.engine.plan divides the
-    # budget by measured costs) | fixed (the method's own rounds, FIXED_STEPS_PER_ROUND student
-    # steps apart)
-    steps_per_round: int | None = None  # student steps between synthesis rounds; None: the
-    # schedule's
+    augment: str = option("shift+mix", "augment stored samples and relabel them by the teacher "
+                          "at each step (a forward pass, far cheaper than a new sample): shift, "
+                          "then blend random pairs (+mix); affine adds rotation and scale",
+                          choices=AUGMENTATIONS)
+    schedule: str = option("planned", "transfer-set methods: planned (samples per round, "
+                           "inversion steps and student steps between rounds planned from "
+                           "measured costs for the budget) or fixed (the method's own rounds, "
+                           f"{FIXED_STEPS_PER_ROUND} student steps apart)", choices=SCHEDULES)
+    steps_per_round: int | None = option(None, "student steps between synthesis rounds "
+                                         "(default: the schedule's)")
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
-    # how the teacher runs (dfkd.accel): bf16 autocast, channels_last, torch.compile. They speed
-    # up a GPU; on the 2-core CPU here none pays for LeNet-5 (docs/teachers.md, "Devices")
-    precision: str = "fp32"  # fp32 | bf16 (autocast of synthesis and the teacher's relabelling)
-    channels_last: bool = False
-    compile: bool = False
+    # how the teacher runs (dfkd.accel). They speed up a GPU; on the 2-core CPU here none pays
+    # for LeNet-5 (docs/teachers.md, "Devices")
+    precision: str = option("fp32", "bf16: synthesis and the teacher's relabelling under "
+                            "autocast (GPU)", choices=PRECISIONS)
+    channels_last: bool = option(False, "run the teacher in channels_last memory format (GPU)")
+    compile: bool = option(False, "run the teacher through torch.compile")
 
 
 def to_dict(cfg) -> dict:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,17 @@ from tqdm.auto import tqdm
 
 from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.commands.train_teacher import TeacherConfig, train_teacher
-from dfkd.config import Budget, DistillConfig, TeacherArgs, load_config, save_config, to_dict
+from dfkd.config import (
+    SCHEDULES,
+    STUDENT_INITS,
+    Budget,
+    DistillConfig,
+    TeacherArgs,
+    load_config,
+    option,
+    save_config,
+    to_dict,
+)
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
@@ -40,24 +50,34 @@ LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the pap
 
 @dataclass
 class BenchConfig:
-    suite: str = "digits"
-    methods: str = "all"  # all | default | comma-separated names; the anchors always run
-    budget: str | None = None  # per method and seed; None: the suite's protocol budget
-    seeds: int = 3  # seeds 0 .. seeds-1, one teacher per seed
-    out: str = "runs/bench"
-    data_root: str | None = None
-    teacher_epochs: int | None = None  # None: train-teacher's per-dataset default
-    teacher_cache: str | None = None  # None: $DFKD_CACHE/teachers or ~/.cache/dfkd/teachers
-    models_root: str | None = None  # published teachers; None: $DFKD_MODELS or
-    # ~/.cache/dfkd/models
-    device: str = "auto"
-    eval_points: int = 10
-    method_options: dict = field(default_factory=dict)  # "method.option" -> value
-    loss: str = ""  # student loss of the data-free methods ("" = each method's own); the anchors
-    # keep theirs, so the ceiling stays the same
-    student_init: str = "auto"  # where every student starts, kd_real's too (auto | random |
-    # teacher)
-    schedule: str = "planned"  # transfer-set rounds: planned by cost | fixed (dfkd.engine.plan)
+    suite: str = option("digits", "the benchmark suite", choices=SUITE_NAMES)
+    methods: str = option("all", "all, default, or names like deepinv,noise; NAME[key=value;...] "
+                          "adds a variant with its own options (a row of its own); the real-data "
+                          "anchors kd_real and scratch_real always run")
+    budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
+                                "digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
+                                "cifar10-r56)")
+    seeds: int = option(3, "seeds 0..N-1, one teacher per seed")
+    out: str = option("runs/bench", "the benchmark's directory")
+    data_root: str | None = option(None, "the suite dataset's files (not for digits)")
+    teacher_epochs: int | None = option(None, "epochs of the suite's teachers (default: "
+                                        "train-teacher's per-dataset default)")
+    teacher_cache: str | None = option(None, "where trained suite teachers are kept (default "
+                                       "$DFKD_CACHE/teachers or ~/.cache/dfkd/teachers)")
+    models_root: str | None = option(None, "where the published teachers of the "
+                                     "cifar10-r20/-r56 suites are (default $DFKD_MODELS or "
+                                     "~/.cache/dfkd/models)")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    eval_points: int = option(10, "evaluations spread evenly over each budget")
+    method_options: dict = option(factory=dict, flag="--set", metavar="METHOD.KEY=VALUE",
+                                  help="a method option, e.g. --set deepinv.steps=100")
+    loss: str = option("", "the student's loss for every data-free method (default: each "
+                       "method's own); the anchors keep theirs, so the ceiling stays the same",
+                       metavar="{kd,l1,at,fa,crd}")
+    student_init: str = option("auto", "where every student starts, the kd_real anchor's too "
+                               "(scratch_real always starts random)", choices=STUDENT_INITS)
+    schedule: str = option("planned", "transfer-set rounds of every method: planned by cost or "
+                           "fixed", choices=SCHEDULES)
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.

@@ -12,14 +12,14 @@ loaded; the evaluation split only ever reports.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dfkd.accel import pick_device
-from dfkd.config import TeacherArgs, prepare_run_dir
+from dfkd.config import SOURCE, TeacherArgs, option, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics
 from dfkd.io import write_json, write_text
@@ -31,23 +31,33 @@ from dfkd.report import save_samples
 
 @dataclass
 class QuantizeConfig:
-    model: TeacherArgs = field(default_factory=TeacherArgs)
-    calibration: str = "bns"  # comma-separated sources; the first is exported (see calibration.py)
-    scheme: str = "int8-static"  # int8-static | int8-dynamic | int4-weight
-    finetune: str = "none"  # none | kd | fa: quantization-aware training on the calibration set
-    finetune_steps: int = 300
-    finetune_lr: float = 1e-4
-    calibration_size: int = 512  # inputs per source (also the fine-tuning set)
-    extra_teachers: str = ""  # mixmix: other models whose BN statistics are matched too
-    method_options: dict = field(default_factory=dict)  # KEY: every source's method;
-    # SOURCE.KEY: that source's only (an option its method lacks is an error, never ignored)
-    eval_dataset: str | None = None  # default: the dataset the model records
-    data_root: str | None = None
-    out: str = "runs/quant"
-    seed: int = 0
-    device: str = "auto"
-    latency_batch: int = 256
-    compile: bool = False  # time both models under torch.compile (inductor's int8 kernels)
+    model: TeacherArgs = option(factory=TeacherArgs, help=f"model: {SOURCE}")
+    calibration: str = option("bns", "comma-separated sources, the first one is exported: "
+                              "gaussian, inception, bns, mixmix, any transfer-set method "
+                              "(deepinv, mvn, ...), real (the anchor; added as a row when the "
+                              "training files load)")
+    scheme: str = option("int8-static", "integer scheme", choices=quant.SCHEMES)
+    finetune: str = option("none", "quantization-aware fine-tuning on the calibration set, the "
+                           "float model teaching: kd, or fa (KD + feature affinity, FAQD)",
+                           choices=("none", "kd", "fa"))
+    finetune_steps: int = option(300, "fine-tuning steps")
+    finetune_lr: float = option(1e-4, "fine-tuning learning rate")
+    calibration_size: int = option(512, "inputs per source (also the fine-tuning set)")
+    extra_teachers: str = option("", "mixmix: comma-separated models inverted together with "
+                                 "--model (their BN statistics are matched too)")
+    method_options: dict = option(factory=dict, flag="--set", metavar="[SOURCE.]KEY=VALUE",
+                                  help="an option of the synthesis methods behind the "
+                                  "calibration: KEY for every source, SOURCE.KEY for one, e.g. "
+                                  "--set bns.steps=100 (an option its method lacks is an error)")
+    eval_dataset: str | None = option(None, "report-only evaluation data (default: the dataset "
+                                      "the model records)")
+    data_root: str | None = option(None, "where the evaluation dataset's files are")
+    out: str = option("runs/quant", "run directory")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    latency_batch: int = option(256, "batch of the latency measurement")
+    compile: bool = option(False, "time both models under torch.compile (inductor lowers int8 "
+                           "to oneDNN)")
 
 
 def quantize(cfg: QuantizeConfig, *, progress: bool = True, command: str = "") -> dict:

@@ -7,13 +7,13 @@ finished part and produces exactly the set an uninterrupted run would have.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
-from dfkd.config import TeacherArgs, prepare_run_dir
+from dfkd.config import PRECISIONS, SOURCE, TeacherArgs, option, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
 from dfkd.synthesis import create_synthesizer
@@ -22,16 +22,17 @@ from dfkd.synthesis.transfer_set import TransferSet
 
 @dataclass
 class SynthesizeConfig:
-    teacher: TeacherArgs = field(default_factory=TeacherArgs)
-    method: str = "deepinv"
-    method_options: dict = field(default_factory=dict)
-    num: int = 10000  # samples to write (rounded up to whole rounds)
-    out: str = "runs/set"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"  # how the teacher runs, as in DistillConfig (dfkd.accel)
-    channels_last: bool = False
-    compile: bool = False
+    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {SOURCE}")
+    method: str = option("deepinv", "a transfer-set method (see `dfkd methods`)")
+    method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
+                                  "--set steps=500 (repeatable)")
+    num: int = option(10000, "samples to write (rounded up to whole rounds)")
+    out: str = option("runs/set", "the set's directory")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option("fp32", "bf16: synthesis under autocast (GPU)", choices=PRECISIONS)
+    channels_last: bool = option(False, "run the teacher in channels_last memory format (GPU)")
+    compile: bool = option(False, "run the teacher through torch.compile")
 
 
 def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: bool = True,

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd.accel import pick_device
-from dfkd.config import prepare_run_dir
-from dfkd.data import fit_to_input, load_dataset
+from dfkd.config import option, prepare_run_dir
+from dfkd.data import DATASETS, fit_to_input, load_dataset
 from dfkd.data.augment import FLIP_DATASETS, default_shift, shift_flip
 from dfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.evaluate import eval_data_for, metrics, predict_logits
@@ -31,18 +31,19 @@ DEFAULT_EPOCHS = {"digits": 40, "mnist": 10, "fashion-mnist": 20, "svhn": 30, "c
 
 @dataclass
 class TeacherConfig:
-    dataset: str = "digits"
-    model: str = "digits_cnn"
-    out: str = "runs/teacher"
-    data_root: str | None = None
-    epochs: int | None = None  # None: a per-dataset default (DEFAULT_EPOCHS)
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
+    dataset: str = option("digits", "training dataset", choices=DATASETS)
+    model: str = option("digits_cnn", "zoo name or package.module:factory")
+    out: str = option("runs/teacher", "run directory")
+    data_root: str | None = option(None, "where the dataset's files are")
+    epochs: int | None = option(None, "epochs (default: the dataset's, DEFAULT_EPOCHS)")
+    batch_size: int = option(128, "minibatch")
+    lr: float = option(0.05, "learning rate, cosine-decayed")
+    optimizer: str = option("sgd", "sgd (Nesterov momentum 0.9) or adam", choices=("sgd", "adam"))
     weight_decay: float = 5e-4
-    input_shape: list[int] | None = None  # None: the zoo model's (channels from the dataset)
-    seed: int = 0
-    device: str = "auto"
+    input_shape: list[int] | None = option(None, "input shape (default: the zoo model's, "
+                                           "channels from the dataset)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
 
 
 def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = True,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dfkd.config import option
 from dfkd.data import fit_to_input, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import EvalData
@@ -25,22 +26,25 @@ _DEFAULT_MODEL = {"digits": "digits_cnn_quarter", "mnist": "lenet5", "fashion-mn
 class FedConfig:
     """Everything `dfkd fed` needs; flat, because it travels as Flower's run config."""
 
-    dataset: str = "digits"
-    data_root: str = ""
-    model: str = ""  # zoo name; "" = lenet5 for (fashion-)mnist, digits_cnn_quarter for digits
-    clients: int = 10
-    alpha: float = 0.1  # Dirichlet concentration of the label split
-    algos: str = "fedavg,fedprox,fedgen,fedftg,fedd2s"
-    rounds: int = 20
-    fraction: float = 0.5  # share of clients sampled each round
-    seeds: int = 1  # seeds 0..seeds-1; each seed draws its own split and initialisation
-    local_steps: int = 20  # FedGen's setting: 20 local updates of batch 32
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.0  # plain SGD, as FedGen's authors' clients (see BENCHMARKS for 0.9)
+    dataset: str = option("digits", "digits, mnist or fashion-mnist")
+    data_root: str = option("", "where the dataset's files are")
+    model: str = option("", "zoo model (default lenet5 for (fashion-)mnist, digits_cnn_quarter "
+                        "for digits)")
+    clients: int = option(10, "number of clients")
+    alpha: float = option(0.1, "Dirichlet concentration of the label split (0.1: each client "
+                          "holds one or two classes)")
+    algos: str = option(",".join(ALGORITHMS), "comma-separated algorithms", flag="--algo")
+    rounds: int = option(20, "federated rounds")
+    fraction: float = option(0.5, "share of clients sampled each round")
+    seeds: int = option(1, "seeds 0..S-1; each seed draws its own split and initialisation")
+    local_steps: int = option(20, "client SGD steps per round (FedGen's: 20 of batch 32)")
+    batch_size: int = option(32, "client minibatch")
+    lr: float = option(0.01, "client SGD learning rate")
+    momentum: float = option(0.0, "client SGD momentum (0: plain SGD, as FedGen's authors)")
     prox_mu: float = 0.01
-    out: str = "runs/fed"
-    superlink: str = ""  # "" = Flower's simulation engine; HOST:PORT = a deployed SuperLink
+    out: str = option("runs/fed", "run directory")
+    superlink: str = option("", "HOST:PORT of a deployed SuperLink (default: Flower's "
+                            "simulation engine)")
     result_path: str = ""  # set by the launcher: where the ServerApp writes its records
 
     def algorithms(self) -> list[str]:

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from dfkd.config import UPDATES
 from dfkd.errors import DfkdError
 from dfkd.models.classifier import Classifier
 from dfkd.options import build_options
 from dfkd.student.losses import StudentLoss
 from dfkd.synthesis import list_methods, method_class
-
-UPDATES = ("plain", "lra")
 
 
 @dataclass
