@@ -125,3 +125,61 @@ def test_bad_input_gets_one_line_errors(capsys, tmp_path, digits_teacher, argv, 
     notes.write_text("not weights")
     argv = [a.format(t=digits_teacher, o=tmp_path, notes=notes) for a in argv]
     assert message in _error(capsys, *argv, *(["--no-progress"] if argv[0] != "evaluate" else []))
+
+
+CONFIGS = {"distill": "dfkd.config:DistillConfig",
+           "train-teacher": "dfkd.commands.train_teacher:TeacherConfig",
+           "synthesize": "dfkd.commands.synthesize:SynthesizeConfig",
+           "quantize": "dfkd.commands.quantize:QuantizeConfig",
+           "bench": "dfkd.commands.bench:BenchConfig", "fed": "dfkd.fed.task:FedConfig"}
+
+
+@pytest.mark.parametrize("command", CONFIGS)
+def test_every_option_field_is_one_flag_that_reaches_its_field(command):
+    """Flags come from the config fields declared with `option`: each such field has exactly
+    one flag, a value given on the command line lands in that field with the field's type, and
+    a flag left out keeps the config's value."""
+    import dataclasses
+    import importlib
+    import typing
+
+    from dfkd.cli import _flags, build_parser
+    from dfkd.config import TeacherArgs
+
+    module, name = CONFIGS[command].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.items()
+               if a[0] == command)[1]
+    dests = {a.dest for a in sub._actions}
+    hints = typing.get_type_hints(cls)
+    sources = [f.name for f in dataclasses.fields(cls) if hints[f.name] is TeacherArgs]
+    required = [f"--{sources[0]}", "t"] if sources else []
+    assert _flags(sub.parse_args(required), cls).keys() == set(sources)  # the rest left out
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("cli")
+        assert (meta is not None) == (f.name in dests), f.name
+        if meta is None or hints[f.name] is TeacherArgs:
+            continue
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
+                    hints[f.name])
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        given, expected = {bool: ([flag], True), int: ([flag, "7"], 7),
+                           float: ([flag, "0.5"], 0.5), dict: ([flag, "a.k=1"], {"a.k": "1"}),
+                           list[int]: ([flag, "3,8,8"], [3, 8, 8]),
+                           list[float]: ([flag, "0.5,0.25"], [0.5, 0.25])}.get(
+            kind, ([flag, meta["choices"][-1] if meta["choices"] else "x"], None))
+        flags = _flags(sub.parse_args([*required, *given]), cls)
+        if expected is None:
+            expected = given[-1]
+        assert flags[f.name] == expected, f.name
+
+
+def test_teacher_flags_build_the_teacher_source():
+    from dfkd.cli import _flags, build_parser
+
+    args = build_parser().parse_args(["distill", "--teacher", "w.pt", "--arch", "lenet5",
+                                      "--mean", "0.5", "--input-shape", "1,28,28"])
+    teacher = _flags(args, DistillConfig)["teacher"]
+    assert (teacher.path, teacher.arch, teacher.mean, teacher.input_shape, teacher.std) == \
+        ("w.pt", "lenet5", [0.5], [1, 28, 28], None)
