@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd.accel import pick_device
+from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import option, prepare_run_dir
 from dfkd.data import DATASETS, fit_to_input, load_dataset
 from dfkd.data.augment import FLIP_DATASETS, default_shift, shift_flip
-from dfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.evaluate import eval_data_for, metrics, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_json, write_text
 from dfkd.models.classifier import InputSpec, default_input_shape, new_classifier, save_classifier

@@ -1,2 +1,2 @@
 """The distillation engine behind `dfkd distill`: the budgeted loop, where its batches come from,
-the plan of its rounds, its counters and its checkpoint."""
+the plan of its rounds and its counters."""

@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
+from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
-from dfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, predict_logits
