@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--teacher", default=None, help="also report agreement with this teacher")
+    p.add_argument("--trigger", default=None, metavar="SPEC", help="also report the attack "
+                   "success rate of this backdoor trigger, e.g. badnets:target=0 (dfkd.backdoor)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -312,12 +314,21 @@ def _evaluate(args) -> None:
         ref = predict_logits(TeacherArgs(path=args.teacher).load(), data.x)
     result = {"dataset": dataset, "split": args.split, "samples": len(data.y),
               **metrics(predict_logits(model, data.x), data.y, ref)}
+    if args.trigger:
+        from dfkd.backdoor import Trigger, attack_success_rate
+
+        trigger = Trigger.parse(args.trigger)
+        trigger.check(model.spec.num_classes, model.spec.shape)
+        result.update(trigger=trigger.spec(), asr=attack_success_rate(
+            lambda x: predict_logits(model, x), data.x, data.y, trigger))
     if args.json:
         print(json.dumps(result))
         return
     print(f"{args.model} on {dataset}/{args.split} ({len(data.y)} images): accuracy "
           f"{100 * result['acc']:.2f}%, ECE {result['ece']:.4f}" +
-          (f", agreement with teacher {100 * result['agreement']:.2f}%" if ref is not None else ""))
+          (f", agreement with teacher {100 * result['agreement']:.2f}%" if ref is not None else "")
+          + (f", attack success {100 * result['asr']:.2f}% ({result['trigger']})"
+             if args.trigger else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

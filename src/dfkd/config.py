@@ -124,6 +124,10 @@ class DistillConfig:
                                       "(default: the teacher's training dataset if recorded)")
     data_root: str | None = option(None, "where the evaluation dataset's files are")
     eval_points: int = option(10, "evaluations spread evenly over the budget (reporting only)")
+    eval_trigger: str = option("", "evaluation only: a backdoor trigger (dfkd.backdoor, e.g. "
+                               "badnets:target=0) whose attack success rate on the evaluation "
+                               "data is reported for teacher and student; nothing trains on it",
+                               metavar="SPEC")
     transfer_set: str | None = option(None, "train on a set from `dfkd synthesize` instead of "
                                       "synthesizing")
     temperature: float | None = option(None, "KD temperature (default: the method's)")

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
+from dfkd.backdoor import Trigger, attack_success_rate
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
@@ -46,20 +47,36 @@ LOG_EVERY = 25  # student steps between loss records in metrics.jsonl
 
 
 class Evaluator:
-    """Scores the student against labels and the teacher on the evaluation split (report only)."""
+    """Scores the student against labels and the teacher on the evaluation split, and the
+    attack success rate of a backdoor trigger when one is given (report only)."""
 
-    def __init__(self, name: str | None, teacher: Classifier, data_root):
+    def __init__(self, name: str | None, teacher: Classifier, data_root, trigger: str = ""):
         self.name = name
         self.data = load_eval_data(name, teacher, data_root) if name else None
         self.teacher_logits = predict_logits(teacher, self.data.x) if self.data else None
+        self.trigger = Trigger.parse(trigger) if trigger else None
+        if self.trigger and not self.data:
+            raise DfkdError("--eval-trigger measures the attack on evaluation data; give "
+                            "--eval-dataset")
+        if self.trigger:
+            self.trigger.check(teacher.spec.num_classes, teacher.spec.shape)
+            self.teacher_asr = self.asr(teacher)
+
+    def asr(self, model: Classifier) -> float:
+        return attack_success_rate(lambda x: predict_logits(model, x), self.data.x, self.data.y,
+                                   self.trigger)
 
     def teacher_metrics(self) -> dict:
-        return metrics(self.teacher_logits, self.data.y) if self.data else {}
+        if not self.data:
+            return {}
+        return {**metrics(self.teacher_logits, self.data.y),
+                **({"asr": self.teacher_asr} if self.trigger else {})}
 
     def __call__(self, student: Classifier) -> dict:
         if not self.data:
             return {}
-        return metrics(predict_logits(student, self.data.x), self.data.y, self.teacher_logits)
+        return {**metrics(predict_logits(student, self.data.x), self.data.y, self.teacher_logits),
+                **({"asr": self.asr(student)} if self.trigger else {})}
 
 
 def resolve_eval_dataset(cfg: DistillConfig, teacher: Classifier) -> str | None:
@@ -80,7 +97,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     eval_name = resolve_eval_dataset(cfg, teacher)
-    evaluator = Evaluator(eval_name, teacher, cfg.data_root)
+    evaluator = Evaluator(eval_name, teacher, cfg.data_root, cfg.eval_trigger)
     torch.manual_seed(cfg.seed)
     student_arch = cfg.student or default_student(teacher.arch)
     student = new_classifier(student_arch, teacher.spec).to(device)
@@ -166,6 +183,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                   "train_seconds": round(state.train_seconds, 3),
                   "teacher_passes": passes(), "samples": source.samples,
                   "student_acc": result.get("acc"), "agreement": result.get("agreement")}
+        if "asr" in result:
+            record["student_asr"] = result["asr"]
         append_jsonl(metrics_path, record)
         if result:
             bar.set_postfix(acc=f"{result['acc']:.3f}", refresh=False)
@@ -292,6 +311,9 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "method_options": dict(vars(synth.opts)) if synth else {},
         "per_class_acc": final.get("per_class_acc"), **crit.report(),
     }
+    if evaluator.trigger:
+        report.update(trigger=evaluator.trigger.spec(), teacher_asr=t["asr"],
+                      student_asr=final["asr"])
     if state.plan:
         report["plan"] = {**state.plan, "schedule": cfg.schedule, "costs": state.costs}
     if synth:
