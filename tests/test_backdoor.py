@@ -81,8 +81,8 @@ def test_attack_success_rate_on_a_hand_built_model():
 
 
 def _teacher(tmp_path, name, **kw):
-    cfg = TeacherConfig(dataset="digits", model="digits_cnn", out=str(tmp_path / name),
-                        epochs=3, device="cpu", **kw)
+    cfg = TeacherConfig(**{"dataset": "digits", "model": "digits_cnn", "out": str(tmp_path / name),
+                           "epochs": 3, "device": "cpu", **kw})
     return train_teacher(cfg, progress=False)
 
 

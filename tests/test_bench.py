@@ -237,3 +237,22 @@ def test_cli_bench(capsys, tmp_path):
     assert {r["method"] for r in records} == {"kd_real", "scratch_real", "noise"}
     assert main([*argv[:-3], "--set", "batch_size=16"]) == 2
     assert "METHOD.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_poisoned_suite_reports_attack_success_and_defended_rows(tmp_path):
+    """--poison trains the suite's teachers with the trigger (their own cache entry) and
+    measures ASR in every run; METHOD+abd is the same method under the ABD defence."""
+    cfg = _cfg(tmp_path, methods="noise,noise+abd", poison="badnets:target=0")
+    records = run_bench(cfg, progress=False)
+    rows = {r["method"]: r for r in records}
+    assert set(rows) == {"kd_real", "scratch_real", "noise", "noise+abd"}
+    assert all("error" not in r and 0 <= r["student_asr"] <= 1 for r in records)
+    assert len({r["teacher_asr"] for r in records}) == 1  # one poisoned teacher per seed
+    assert rows["noise+abd"]["defense"] == "abd" and "defense" not in rows["noise"]
+    assert rows["noise+abd"]["student_init"] == "random"
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "| student ASR | teacher ASR |" in table and "badnets:target=0" in table
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    clean = run_bench(_cfg(tmp_path, methods="noise", out=str(tmp_path / "c")), progress=False)
+    assert "student_asr" not in clean[0]
+    assert len(list((tmp_path / "cache").iterdir())) == len(cached) + 1  # its own teacher

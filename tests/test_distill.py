@@ -331,3 +331,11 @@ def test_killed_run_resumes_exactly_on_a_plan(digits_teacher, tmp_path, monkeypa
     resumes exactly; the plan here puts a round every few student steps."""
     _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, method="deepinv",
                             method_options={"batch_size": 8, "steps": 4}, steps_per_round=None)
+
+
+def test_killed_run_resumes_exactly_with_abd(digits_teacher, tmp_path, monkeypatch):
+    """ABD's shuffled teachers come back from the seed, its counters from the checkpoint, and
+    self-retrospection (the last half of the budget here) draws its rows from the run's RNG."""
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "after_part_written",
+                            defense="abd", defense_options={"sr_share": 0.5, "sr_steps": 2,
+                                                            "copies": 2})

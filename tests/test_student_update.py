@@ -125,11 +125,15 @@ def test_update_errors_are_one_line():
     assert create_update("lra", {"memory": "4"}, "online").opts.memory == 4
 
 
-def test_bench_entries_carry_the_update():
-    assert bench.parse_entry("dfad+lra[nz=16]") == ("dfad", {"nz": "16"}, "lra")
-    assert bench.parse_entry("dfad") == ("dfad", {}, "plain")
-    with pytest.raises(DfkdError, match="the only suffix is \\+lra"):
-        bench.parse_entry("dfad+meta")
+def test_bench_entries_carry_the_update_and_the_defence():
+    assert bench.parse_entry("dfad+lra[nz=16]") == ("dfad", {"nz": "16"}, "lra", "none")
+    assert bench.parse_entry("dfad") == ("dfad", {}, "plain", "none")
+    assert bench.parse_entry("dfad+abd+lra") == ("dfad", {}, "lra", "abd")
+    assert bench.parse_entry("deepinv+abd[steps=5]") == ("deepinv", {"steps": "5"}, "plain",
+                                                         "abd")
+    for bad in ("dfad+meta", "dfad+abd+abd"):
+        with pytest.raises(DfkdError, match="the suffixes are \\+lra"):
+            bench.parse_entry(bad)
     with pytest.raises(DfkdError, match="needs an online method"):
         bench.resolve_methods("deepinv+lra")
     assert bench.LRA_ENTRY in bench.resolve_methods("all")

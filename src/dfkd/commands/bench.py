@@ -78,11 +78,20 @@ class BenchConfig:
                                "(scratch_real always starts random)", choices=STUDENT_INITS)
     schedule: str = option("planned", "transfer-set rounds of every method: planned by cost or "
                            "fixed", choices=SCHEDULES)
+    poison: str = option("", "a backdoor trigger (dfkd.backdoor, e.g. badnets:target=0): every "
+                         "suite teacher is poisoned with it (trained so, or a published one "
+                         "fine-tuned so), and every run reports teacher and student attack "
+                         "success; METHOD+abd rows defend against it", metavar="SPEC")
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss", "student_init", "schedule")
+          "method_options", "loss", "student_init", "schedule", "poison")
+# fine-tuning a published teacher to poison it (train-teacher --init), unless --teacher-epochs
+POISON_FINETUNE = {"epochs": 10, "lr": 0.01}
+# train-teacher options added after teachers were first cached: at their defaults they stay out
+# of the cache key, so those teachers keep theirs
+_LATER_TEACHER_OPTIONS = ("init", "mean", "std", "poison", "poison_rate")
 
 
 def split_variant(entry: str) -> tuple[str, dict]:
@@ -100,18 +109,23 @@ def split_variant(entry: str) -> tuple[str, dict]:
     return match.group(1), opts
 
 
-def parse_entry(entry: str) -> tuple[str, dict, str]:
-    """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra'): the method, its options and
-    the student update (`+lra`; plain without a suffix), checked."""
+def parse_entry(entry: str) -> tuple[str, dict, str, str]:
+    """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra', 'none'): the method, its
+    options, the student update (`+lra`; plain without) and the backdoor defence (`+abd`; none
+    without), checked."""
     name, opts = split_variant(entry)
-    method, _, update = name.partition("+")
+    method, *suffixes = name.split("+")
     cls = method_class(method)  # one-line error listing the methods
-    if update and update != "lra":
-        raise DfkdError(f"bad method entry '{entry}'; the only suffix is +lra (student update)")
-    if update and cls.family != "online":
+    unknown = [s for s in suffixes if s not in ("lra", "abd")] or \
+        (suffixes if len(set(suffixes)) < len(suffixes) else [])
+    if unknown:
+        raise DfkdError(f"bad method entry '{entry}'; the suffixes are +lra (student update) "
+                        "and +abd (backdoor defence)")
+    if "lra" in suffixes and cls.family != "online":
         raise DfkdError(f"'{entry}': +lra needs an online method ({online_methods()}), not the "
                         f"{cls.family} method '{method}'")
-    return method, opts, update or "plain"
+    return (method, opts, "lra" if "lra" in suffixes else "plain",
+            "abd" if "abd" in suffixes else "none")
 
 
 def resolve_methods(spec: str) -> list[str]:
@@ -134,7 +148,7 @@ def resolve_methods(spec: str) -> list[str]:
 
 def options_for(entry: str, cfg: BenchConfig, suite: Suite) -> dict:
     """--set METHOD.KEY=VALUE options, then the entry's own; anchors get the suite's data."""
-    method, own, _ = parse_entry(entry)
+    method, own, *_ = parse_entry(entry)
     opts = {k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
             if k.split(".", 1)[0] == method}
     opts.update(own)
@@ -159,12 +173,21 @@ def published_teacher(cfg: BenchConfig, suite: Suite) -> TeacherArgs:
                        arch=suite.teacher, mean=list(pub.mean), std=list(pub.std))
 
 
-def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool) -> TeacherArgs:
+def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool,
+                  published: TeacherArgs | None = None) -> TeacherArgs:
     """The teacher trained for `seed`, or the cached one trained with the same settings (the
-    cache key hashes the full teacher configuration)."""
+    cache key hashes the full teacher configuration). With --poison a published teacher is
+    fine-tuned with the trigger, one per seed."""
     tcfg = TeacherConfig(dataset=suite.dataset, model=suite.teacher, data_root=cfg.data_root,
-                         epochs=cfg.teacher_epochs, seed=seed, device=cfg.device)
-    key = {k: v for k, v in to_dict(tcfg).items() if k not in ("out", "device")}
+                         epochs=cfg.teacher_epochs, seed=seed, device=cfg.device,
+                         poison=cfg.poison)
+    if published:
+        tcfg = dataclasses.replace(tcfg, init=published.path, mean=published.mean,
+                                   std=published.std, lr=POISON_FINETUNE["lr"],
+                                   epochs=cfg.teacher_epochs or POISON_FINETUNE["epochs"])
+    defaults = TeacherConfig()
+    key = {k: v for k, v in to_dict(tcfg).items() if k not in ("out", "device")
+           and not (k in _LATER_TEACHER_OPTIONS and v == getattr(defaults, k))}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     out = teacher_cache_root(cfg) / f"{cfg.suite}-{suite.teacher}-seed{seed}-{digest}"
     if not (out / "teacher.safetensors").exists() or not (out / "report.json").exists():
@@ -200,11 +223,14 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
             if not any(r["method"] == m and r["seed"] == seed and "error" not in r
                        for r in records)]
     for i, (seed, method) in enumerate(todo):
-        teacher = published or suite_teacher(cfg, suite, seed, progress)
+        if published and not cfg.poison:
+            teacher = published
+        else:
+            teacher = suite_teacher(cfg, suite, seed, progress, published)
         run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
-        method_name, _, update = parse_entry(method)
+        method_name, _, update, defense = parse_entry(method)
         dcfg = DistillConfig(teacher=teacher, method=method_name,
-                             update=update,
+                             update=update, defense=defense, eval_trigger=cfg.poison,
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
@@ -295,7 +321,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "uses_real_data": bool(ok and ok[0].get("uses_real_data")),
                "family": ok[0]["family"] if ok else None}
         for key in ("student_acc", "gap", "agreement", "teacher_acc", "synthesis_seconds",
-                    "train_seconds", "teacher_passes", "steps"):
+                    "train_seconds", "teacher_passes", "steps", "student_asr", "teacher_asr"):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = _mean_std(values) if values else None
         rows.append(row)
@@ -321,17 +347,24 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
               "data; every other row is data-free.", "",
-              "| method | student acc | gap to kd_real | agreement | teacher acc | synthesis s |"
-              " train s | teacher passes | steps | runs |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | student acc | gap to kd_real | agreement | teacher acc |"
+              + (" student ASR | teacher ASR |" if cfg.poison else "")
+              + " synthesis s | train s | teacher passes | steps | runs |",
+              "|---|---|---|---|---|" + ("---|---|" if cfg.poison else "") + "---|---|---|---|---|"]
+    if cfg.poison:
+        lines[-4] = (f"{lines[-4]} Every teacher carries the backdoor `{cfg.poison}`; ASR = the "
+                     "share of test images of other classes that its trigger sends to the "
+                     "target class (evaluation only).")
+    blanks = " |" * (9 + 2 * bool(cfg.poison) - 1)
     for row in summarize(records):
         if not row["runs"]:
-            lines.append(f"| {row['method']} | failed: {row['error']} | | | | | | | | 0 |")
+            lines.append(f"| {row['method']} | failed: {row['error']}{blanks} 0 |")
             continue
         name = f"{row['method']} (real data)" if row["uses_real_data"] else row["method"]
+        asr = [_pm(row["student_asr"], 100), _pm(row["teacher_asr"], 100)] if cfg.poison else []
         lines.append("| " + " | ".join([
             name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
-            _pm(row["teacher_acc"], 100), _pm(row["synthesis_seconds"], 1, 1),
+            _pm(row["teacher_acc"], 100), *asr, _pm(row["synthesis_seconds"], 1, 1),
             _pm(row["train_seconds"], 1, 1), _passes(row["teacher_passes"]),
             _pm(row["steps"], 1, 0), str(row["runs"]) + (f" ({row['failed']} failed)"
                                                        if row["failed"] else "")]) + " |")

@@ -36,6 +36,7 @@ from dfkd.models import default_student
 from dfkd.models.classifier import Classifier, new_classifier, save_classifier
 from dfkd.optim import cosine_lr, make_optimizer
 from dfkd.report import save_curves, save_samples, write_report
+from dfkd.student.defense import create_defense
 from dfkd.student.losses import StudentLoss, create_student_loss
 from dfkd.student.start import start_student
 from dfkd.student.update import create_update
@@ -96,6 +97,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
+    check_start(cfg)
     eval_name = resolve_eval_dataset(cfg, teacher)
     evaluator = Evaluator(eval_name, teacher, cfg.data_root, cfg.eval_trigger)
     torch.manual_seed(cfg.seed)
@@ -120,6 +122,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
     update = create_update(cfg.update, cfg.update_options, family, crit.name)
+    defense = create_defense(cfg.defense, cfg.defense_options, teacher, crit.name, update,
+                             cfg.seed)
     # after the method and the loss have found their layers by plain module paths (a compiled
     # net's paths gain a prefix); evaluation above ran the teacher as it was given
     accel.prepare(teacher)
@@ -140,6 +144,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                         synth=synth.state_dict() if synth else {},
                         student_loss=crit.state_dict(),
                         update=update.state_dict() if update else {},
+                        defense=defense.state_dict() if defense else {},
                         last_x=last_x if last_x is not None else torch.zeros(0))
 
     metrics_path = out / "metrics.jsonl"
@@ -151,6 +156,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             crit.load_state_dict(ckpt["student_loss"])
         if update:
             update.load_state_dict(ckpt["update"])
+        if defense:
+            defense.load_state_dict(ckpt["defense"])
         source.resume(ckpt["parts"])
         source.last_x = ckpt["last_x"] if ckpt["last_x"].numel() else None
         truncate_jsonl(metrics_path, "step", state.step)
@@ -223,6 +230,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         student.train()
         if update:
             loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
+        elif defense:
+            loss = defense.student_loss(crit, student, x, teacher_logits)
         else:
             loss = student_loss(crit, student, x, teacher_logits, batch, gen, source.samples or 0)
         if not torch.isfinite(loss):
@@ -231,6 +240,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                             "lower --lr or the temperature (the last good state is checkpointed)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if defense and defense.retrospecting(budget.progress(state.step, state.elapsed())):
+            defense.retrospect(student, teacher, x, gen)
         optimizer.step()
         state.record_loss(loss.item())
         state.train_seconds += time.perf_counter() - t0 - \
@@ -256,7 +267,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), source, synth, device, crit, update, base_lr, start)
+                          state, passes(), source, synth, device, base_lr, start,
+                          parts=(crit, synth, update, defense))
     write_report(report, out)
     if source.last_x is not None:
         save_samples(source.last_x, out / "samples.png", f"{method}: synthesized inputs",
@@ -281,8 +293,18 @@ def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
 
 def requested_start(cfg: DistillConfig, synth) -> str:
     """Where the student's weights are asked to start: --student-init, except for the
-    no-teacher anchor, which always starts random."""
+    no-teacher anchor and under a backdoor defence (the teacher's weights carry the trigger's
+    response), which always start random."""
+    if cfg.defense != "none":
+        return "random"
     return cfg.student_init if synth is None or synth.student_sees_teacher else "random"
+
+
+def check_start(cfg: DistillConfig) -> None:
+    if cfg.defense != "none" and cfg.student_init == "teacher":
+        raise DfkdError(f"--defense {cfg.defense} starts the student from its own "
+                        "initialization: the teacher's weights would carry its backdoor; drop "
+                        "--student-init teacher")
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -290,8 +312,10 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                 state: RunState, teacher_passes, source, synth, device, crit, update, lr,
-                 start) -> dict:
+                 state: RunState, teacher_passes, source, synth, device, lr, start,
+                 parts) -> dict:
+    """report.json: the run's numbers, then what each of its parts (student loss, method,
+    student update, defence) reports of itself."""
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
@@ -309,17 +333,16 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
         "python": platform.python_version(),
         "method_options": dict(vars(synth.opts)) if synth else {},
-        "per_class_acc": final.get("per_class_acc"), **crit.report(),
+        "per_class_acc": final.get("per_class_acc"),
     }
     if evaluator.trigger:
         report.update(trigger=evaluator.trigger.spec(), teacher_asr=t["asr"],
                       student_asr=final["asr"])
     if state.plan:
         report["plan"] = {**state.plan, "schedule": cfg.schedule, "costs": state.costs}
-    if synth:
-        report.update(synth.report())
-    if update:
-        report.update(update.report())
+    for part in parts:
+        if part is not None:
+            report.update(part.report())
     if budget.seconds is not None:
         report["budget_seconds"] = budget.seconds
         report["budget_overrun_seconds"] = round(max(0.0, state.elapsed() - budget.seconds), 3)
