@@ -1,6 +1,6 @@
 """Losses shared by methods: KD, L1 on logits, attention transfer, feature affinity, the NCE of
 contrastive distillation, Jensen-Shannon, image priors. Pure functions of tensors: the student
-losses that hold state (hooks, CRD's heads and memory) are in student_losses.py."""
+losses that hold state (hooks, CRD's heads and memory) are in student/losses.py."""
 
 from __future__ import annotations
 
