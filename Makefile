@@ -1,5 +1,6 @@
 # `make demo`: create a virtual environment (unless one is active), install, run the offline demo.
-# `make test`: the same set-up, then the test suite.
+# `make test`: the same set-up, then the test suite, one worker per CPU core (pytest-xdist; a
+# test file stays on one worker, so its module fixtures are built once).
 #
 # torch: an importable torch (CUDA or CPU) is left alone. Where none is present, TORCH_SPEC is
 # installed first, so that the `torch>=2.4` dependency is already met and pip never pulls the
@@ -30,7 +31,7 @@ demo: install
 	$(PY) -m dfkd quickstart
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 lint: install
 	$(PY) -m ruff check src tests
