@@ -106,7 +106,7 @@ def test_poisoned_teacher_learns_the_trigger_and_reports_it(tmp_path):
 def test_init_fine_tunes_the_given_weights(tmp_path, digits_teacher):
     """At a vanishing learning rate, fine-tuning leaves the weights where they were: the run
     starts from --init."""
-    from dfkd.models.classifier import load_classifier
+    from dfkd.models.classifier import InputSpec, load_classifier, new_classifier, save_classifier
 
     before = load_classifier(digits_teacher)
     report = _teacher(tmp_path, "ft", init=str(digits_teacher), lr=1e-12, epochs=1,
@@ -116,10 +116,10 @@ def test_init_fine_tunes_the_given_weights(tmp_path, digits_teacher):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
         before.net.parameters(), after.net.parameters(), strict=True))
     assert after.spec == before.spec and "asr" in report
-    with pytest.raises(DfkdError, match="classes"):
-        train_teacher(TeacherConfig(dataset="mnist", model="digits_cnn", init=str(digits_teacher),
-                                    out=str(tmp_path / "bad"), device="cpu",
-                                    data_root=str(tmp_path / "nowhere")), progress=False)
+    four = new_classifier("digits_cnn", InputSpec((1, 8, 8), (0.5,), (0.5,), 4))
+    save_classifier(four, tmp_path / "four.safetensors")
+    with pytest.raises(DfkdError, match="--init has 4 classes, digits has 10"):
+        _teacher(tmp_path, "bad", init=str(tmp_path / "four.safetensors"))
 
 
 def test_distill_reports_teacher_and_student_asr_without_training_on_it(tmp_path,
