@@ -315,12 +315,11 @@ def _evaluate(args) -> None:
     result = {"dataset": dataset, "split": args.split, "samples": len(data.y),
               **metrics(predict_logits(model, data.x), data.y, ref)}
     if args.trigger:
-        from dfkd.backdoor import Trigger, attack_success_rate
+        from dfkd.backdoor import Trigger
+        from dfkd.evaluate import model_asr
 
         trigger = Trigger.parse(args.trigger)
-        trigger.check(model.spec.num_classes, model.spec.shape)
-        result.update(trigger=trigger.spec(), asr=attack_success_rate(
-            lambda x: predict_logits(model, x), data.x, data.y, trigger))
+        result.update(trigger=trigger.spec(), asr=model_asr(model, data, trigger))
     if args.json:
         print(json.dumps(result))
         return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dfkd.backdoor import Trigger, attack_success_rate
 from dfkd.data import ImageDataset, fit_to_input, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.hooks import eval_mode
@@ -71,3 +72,10 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor,
     if reference_logits is not None:
         out["agreement"] = float((pred == reference_logits.argmax(1)).float().mean())
     return out
+
+
+def model_asr(model: Classifier, data: EvalData, trigger: Trigger) -> float:
+    """The attack success rate of `trigger` on `model` over labelled data, the trigger checked
+    against the model's classes and input first."""
+    trigger.check(model.spec.num_classes, model.spec.shape)
+    return attack_success_rate(lambda x: predict_logits(model, x), data.x, data.y, trigger)

@@ -344,18 +344,17 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
              f"Machine: {machine_line(machine)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    columns = ["method", "student acc", "gap to kd_real", "agreement", "teacher acc",
+               *(["student ASR", "teacher ASR"] if cfg.poison else []), "synthesis s",
+               "train s", "teacher passes", "steps", "runs"]
+    poisoned = (f" Every teacher carries the backdoor `{cfg.poison}`; ASR = the share of test "
+                "images of other classes that its trigger sends to the target class (evaluation "
+                "only)." if cfg.poison else "")
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
-              "data; every other row is data-free.", "",
-              "| method | student acc | gap to kd_real | agreement | teacher acc |"
-              + (" student ASR | teacher ASR |" if cfg.poison else "")
-              + " synthesis s | train s | teacher passes | steps | runs |",
-              "|---|---|---|---|---|" + ("---|---|" if cfg.poison else "") + "---|---|---|---|---|"]
-    if cfg.poison:
-        lines[-4] = (f"{lines[-4]} Every teacher carries the backdoor `{cfg.poison}`; ASR = the "
-                     "share of test images of other classes that its trigger sends to the "
-                     "target class (evaluation only).")
-    blanks = " |" * (9 + 2 * bool(cfg.poison) - 1)
+              "data; every other row is data-free." + poisoned, "",
+              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    blanks = " |" * (len(columns) - 2)  # closes the error cell and the empty cells after it
     for row in summarize(records):
         if not row["runs"]:
             lines.append(f"| {row['method']} | failed: {row['error']}{blanks} 0 |")

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfkd.accel import pick_device
-from dfkd.backdoor import Trigger, attack_success_rate, poisoned_indices
+from dfkd.backdoor import Trigger, poisoned_indices
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import option, prepare_run_dir
 from dfkd.data import DATASETS, fit_to_input, load_dataset
 from dfkd.data.augment import FLIP_DATASETS, default_shift, shift_flip
 from dfkd.errors import DfkdError
-from dfkd.evaluate import eval_data_for, metrics, predict_logits
+from dfkd.evaluate import eval_data_for, metrics, model_asr, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl, write_json, write_text
 from dfkd.models.classifier import (
     Classifier,
@@ -145,8 +145,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, progress: bool = 
     if trigger:
         asr = {"trigger": trigger.spec(), "poison_rate": cfg.poison_rate,
                "poisoned_images": int(poisoned.sum()),
-               "asr": attack_success_rate(lambda x: predict_logits(model, x), evaluation.x,
-                                          evaluation.y, trigger)}
+               "asr": model_asr(model, evaluation, trigger)}
     report = {"model": cfg.model, "dataset": cfg.dataset, "test_acc": final["acc"], **asr,
               "per_class_acc": final["per_class_acc"], "ece": final["ece"], "epochs": epochs,
               "train_seconds": round(state["seconds"], 3), "seed": cfg.seed,

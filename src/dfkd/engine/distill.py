@@ -23,14 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
-from dfkd.backdoor import Trigger, attack_success_rate
+from dfkd.backdoor import Trigger
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
 from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
-from dfkd.evaluate import load_eval_data, metrics, predict_logits
+from dfkd.evaluate import load_eval_data, metrics, model_asr, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl
 from dfkd.models import default_student
 from dfkd.models.classifier import Classifier, new_classifier, save_classifier
@@ -60,12 +60,7 @@ class Evaluator:
             raise DfkdError("--eval-trigger measures the attack on evaluation data; give "
                             "--eval-dataset")
         if self.trigger:
-            self.trigger.check(teacher.spec.num_classes, teacher.spec.shape)
-            self.teacher_asr = self.asr(teacher)
-
-    def asr(self, model: Classifier) -> float:
-        return attack_success_rate(lambda x: predict_logits(model, x), self.data.x, self.data.y,
-                                   self.trigger)
+            self.teacher_asr = model_asr(teacher, self.data, self.trigger)
 
     def teacher_metrics(self) -> dict:
         if not self.data:
@@ -77,7 +72,7 @@ class Evaluator:
         if not self.data:
             return {}
         return {**metrics(predict_logits(student, self.data.x), self.data.y, self.teacher_logits),
-                **({"asr": self.asr(student)} if self.trigger else {})}
+                **({"asr": model_asr(student, self.data, self.trigger)} if self.trigger else {})}
 
 
 def resolve_eval_dataset(cfg: DistillConfig, teacher: Classifier) -> str | None:

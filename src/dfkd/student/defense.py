@@ -83,10 +83,6 @@ def shuffled_copy(teacher: Classifier, layers: int, gen: torch.Generator) -> Cla
     return Classifier(net, teacher.spec, teacher.arch).eval().requires_grad_(False)
 
 
-def _kl(student_logits: torch.Tensor, target_logits: torch.Tensor, t: float) -> torch.Tensor:
-    return kd_loss(student_logits, target_logits, t)
-
-
 class ABD:
     """The ABD defence of one run: its shuffled teachers and its counters."""
 
@@ -133,7 +129,7 @@ class ABD:
         delta = torch.zeros_like(x[:1], requires_grad=True)
         opt = torch.optim.Adam([delta], lr=0.1)
         for _ in range(self.opts.sr_steps):
-            loss = -_kl(teacher(x + delta).float(), clean, t)
+            loss = -kd_loss(teacher(x + delta).float(), clean, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -151,12 +147,12 @@ class ABD:
         rows = torch.randperm(len(x), generator=gen)[:max(1, int(len(x) * self.opts.sr_rows))]
 
         def inner(d):
-            return -_kl(student(x + d).float(), clean, 1.0) + 0.001 * d.pow(2).sum()
+            return -kd_loss(student(x + d).float(), clean, 1.0) + 0.001 * d.pow(2).sum()
 
         def outer(d):
             patch = torch.zeros_like(x)
             patch[rows] = 1.0
-            return _kl(student(x + patch * d).float(), clean, t)
+            return kd_loss(student(x + patch * d).float(), clean, t)
 
         grads = torch.autograd.grad(outer(delta), [delta, *weights], allow_unused=True)
         outer_delta, outer_weights = grads[0], grads[1:]
