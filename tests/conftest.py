@@ -12,6 +12,12 @@ from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the processes a test starts (Flower's SuperLink, ServerApp and Ray actors, inductor's
+    # compile workers) inherit one thread too: two OpenMP threads that share one free core
+    # spin at every barrier, which made the Flower simulation test four times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(autouse=True)
 def _threads():
