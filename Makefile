@@ -25,7 +25,7 @@ ifndef VIRTUAL_ENV
 endif
 	@$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[dev,quant,fed]"
+	$(PY) -m pip install -q -e ".[dev,quant,fed,serve]"
 
 demo: install
 	$(PY) -m dfkd quickstart

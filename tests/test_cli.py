@@ -131,7 +131,8 @@ CONFIGS = {"distill": "dfkd.config:DistillConfig",
            "train-teacher": "dfkd.commands.train_teacher:TeacherConfig",
            "synthesize": "dfkd.commands.synthesize:SynthesizeConfig",
            "quantize": "dfkd.commands.quantize:QuantizeConfig",
-           "bench": "dfkd.commands.bench:BenchConfig", "fed": "dfkd.fed.task:FedConfig"}
+           "bench": "dfkd.commands.bench:BenchConfig", "fed": "dfkd.fed.task:FedConfig",
+           "serve": "dfkd.commands.serve:ServeConfig"}
 
 
 @pytest.mark.parametrize("command", CONFIGS)

@@ -100,6 +100,7 @@ def _common(p: argparse.ArgumentParser, config_of: str = "a run's config.yaml") 
 def build_parser() -> argparse.ArgumentParser:
     from dfkd.commands.bench import BenchConfig
     from dfkd.commands.quantize import QuantizeConfig
+    from dfkd.commands.serve import ServeConfig
     from dfkd.commands.synthesize import SynthesizeConfig
     from dfkd.commands.train_teacher import TeacherConfig
     from dfkd.config import SOURCE, DistillConfig, TeacherArgs
@@ -154,13 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--config", help="YAML config (a run's config.yaml); flags override it")
 
+    p = sub.add_parser("serve", help="a model behind a black-box HTTP API, to distill from "
+                       "with --teacher http://HOST:PORT")
+    add_options(p, ServeConfig)
+    p.add_argument("--config", help="YAML config; flags override it")
+
     p = sub.add_parser("evaluate", help="accuracy of a model on a labelled split")
     p.add_argument("--model", required=True, help=f"model: {SOURCE}")
     add_options(p, TeacherArgs)
     p.add_argument("--dataset", default=None, help="default: the dataset the model records")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--teacher", default=None, help="also report agreement with this teacher")
+    p.add_argument("--teacher", default=None, help="also report agreement with this teacher (a "
+                   "black-box API's URL too)")
     p.add_argument("--trigger", default=None, metavar="SPEC", help="also report the attack "
                    "success rate of this backdoor trigger, e.g. badnets:target=0 (dfkd.backdoor)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -267,6 +274,10 @@ def run(argv: list[str]) -> int:
         r = federate(cfg, progress=progress, command=command)
         print(", ".join(f"{a} {100 * v['acc_mean']:.2f}%" for a, v in r["summary"].items())
               + f" -> {cfg.out}")
+    elif args.command == "serve":
+        from dfkd.commands.serve import ServeConfig, run_server
+
+        run_server(_config(ServeConfig, args, _flags(args, ServeConfig)))
     elif args.command == "bench":
         _bench(args, progress, command)
     elif args.command == "evaluate":

@@ -90,6 +90,10 @@ class TeacherArgs:
     num_classes: int | None = option(None, "number of classes (else inferred)")
 
     def load(self):
+        if self.path.startswith(("http://", "https://")):
+            from dfkd.blackbox.teacher import connect
+
+            return connect(self.path)
         from dfkd.models.classifier import load_classifier
 
         return load_classifier(self.path, arch=self.arch,
@@ -100,13 +104,14 @@ class TeacherArgs:
 
 
 SOURCE = "run directory, .safetensors or state-dict file"
+TEACHER_SOURCE = f"{SOURCE}, or a black-box API's URL (http://HOST:PORT, e.g. `dfkd serve`)"
 
 
 @dataclass
 class DistillConfig:
     """Everything `dfkd distill` needs; config.yaml is this dataclass."""
 
-    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {SOURCE}")
+    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {TEACHER_SOURCE}")
     method: str = option("deepinv", "synthesis method (see `dfkd methods`)")
     method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
                                   "--set steps=500 (repeatable)")
@@ -129,6 +134,10 @@ class DistillConfig:
                                "badnets:target=0) whose attack success rate on the evaluation "
                                "data is reported for teacher and student; nothing trains on it",
                                metavar="SPEC")
+    query_budget: int = option(0, "black-box teachers: images the run may send to the API (0: "
+                               "no limit); the run ends where it stands when the next request "
+                               "would pass it, and --resume replays paid answers from the run's "
+                               "queries/ for free", metavar="N")
     transfer_set: str | None = option(None, "train on a set from `dfkd synthesize` instead of "
                                       "synthesizing")
     temperature: float | None = option(None, "KD temperature (default: the method's)")

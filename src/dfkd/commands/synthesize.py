@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
-from dfkd.config import PRECISIONS, SOURCE, TeacherArgs, option, prepare_run_dir
+from dfkd.config import PRECISIONS, TEACHER_SOURCE, TeacherArgs, option, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
 from dfkd.synthesis import create_synthesizer
@@ -22,7 +22,7 @@ from dfkd.synthesis.transfer_set import TransferSet
 
 @dataclass
 class SynthesizeConfig:
-    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {SOURCE}")
+    teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {TEACHER_SOURCE}")
     method: str = option("deepinv", "a transfer-set method (see `dfkd methods`)")
     method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
                                   "--set steps=500 (repeatable)")

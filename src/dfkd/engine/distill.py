@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
 from dfkd.backdoor import Trigger
+from dfkd.blackbox.teacher import QueryBudgetSpent, is_black_box, metered
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
@@ -52,26 +53,34 @@ class Evaluator:
     attack success rate of a backdoor trigger when one is given (report only)."""
 
     def __init__(self, name: str | None, teacher: Classifier, data_root, trigger: str = ""):
-        self.name = name
+        self.name, self.teacher = name, teacher
         self.data = load_eval_data(name, teacher, data_root) if name else None
-        self.teacher_logits = predict_logits(teacher, self.data.x) if self.data else None
         self.trigger = Trigger.parse(trigger) if trigger else None
         if self.trigger and not self.data:
             raise DfkdError("--eval-trigger measures the attack on evaluation data; give "
                             "--eval-dataset")
-        if self.trigger:
-            self.teacher_asr = model_asr(teacher, self.data, self.trigger)
+        self._teacher = None  # (logits, ASR) on first use: a black box is asked once its query
+        # log is open, in its own stream, never against the run's query budget
+
+    def teacher_outputs(self) -> tuple[torch.Tensor, float | None]:
+        if self._teacher is None:
+            with metered(self.teacher, "eval"):
+                self._teacher = (predict_logits(self.teacher, self.data.x),
+                                 model_asr(self.teacher, self.data, self.trigger)
+                                 if self.trigger else None)
+        return self._teacher
 
     def teacher_metrics(self) -> dict:
         if not self.data:
             return {}
-        return {**metrics(self.teacher_logits, self.data.y),
-                **({"asr": self.teacher_asr} if self.trigger else {})}
+        logits, asr = self.teacher_outputs()
+        return {**metrics(logits, self.data.y), **({"asr": asr} if self.trigger else {})}
 
     def __call__(self, student: Classifier) -> dict:
         if not self.data:
             return {}
-        return {**metrics(predict_logits(student, self.data.x), self.data.y, self.teacher_logits),
+        return {**metrics(predict_logits(student, self.data.x), self.data.y,
+                          self.teacher_outputs()[0]),
                 **({"asr": model_asr(student, self.data, self.trigger)} if self.trigger else {})}
 
 
@@ -92,10 +101,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
-    check_start(cfg)
+    black_box = is_black_box(teacher)
+    check_start(cfg, black_box)
     eval_name = resolve_eval_dataset(cfg, teacher)
     evaluator = Evaluator(eval_name, teacher, cfg.data_root, cfg.eval_trigger)
     torch.manual_seed(cfg.seed)
+    if black_box and not cfg.student:
+        raise DfkdError("a black-box teacher has no architecture to derive the student from; "
+                        "give --student NAME (`dfkd models`)")
     student_arch = cfg.student or default_student(teacher.arch)
     student = new_classifier(student_arch, teacher.spec).to(device)
 
@@ -112,7 +125,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         source = method_source(synth, out, cfg.augment, lambda: accel.autocast(device))
-    start = start_student(student.net, teacher.net, requested_start(cfg, synth))
+    if black_box:
+        check_black_box(cfg, synth)
+    start = start_student(student.net, None if black_box else teacher.net,
+                          "random" if black_box else requested_start(cfg, synth))
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
@@ -121,8 +137,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                              cfg.seed)
     # after the method and the loss have found their layers by plain module paths (a compiled
     # net's paths gain a prefix); evaluation above ran the teacher as it was given
-    accel.prepare(teacher)
+    if not black_box:
+        accel.prepare(teacher)
     prepare_run_dir(out, cfg, resume, command)
+    if black_box:
+        teacher.budget = cfg.query_budget
+        teacher.open_log(out / "queries")
 
     # the loss's own parameters (CRD's embedding heads) train with the student
     optimizer = make_optimizer(cfg.optimizer, [*student.parameters(), *crit.parameters()],
@@ -140,6 +160,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                         student_loss=crit.state_dict(),
                         update=update.state_dict() if update else {},
                         defense=defense.state_dict() if defense else {},
+                        queries=teacher.query_state() if black_box else {},
                         last_x=last_x if last_x is not None else torch.zeros(0))
 
     metrics_path = out / "metrics.jsonl"
@@ -153,6 +174,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             update.load_state_dict(ckpt["update"])
         if defense:
             defense.load_state_dict(ckpt["defense"])
+        if black_box:
+            teacher.load_query_state(ckpt["queries"])
         source.resume(ckpt["parts"])
         source.last_x = ckpt["last_x"] if ckpt["last_x"].numel() else None
         truncate_jsonl(metrics_path, "step", state.step)
@@ -193,67 +216,75 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         return result
 
     last_ckpt = time.monotonic()
-    while not budget.done(state.step, state.elapsed()):
-        before = done_so_far()
-        t0 = round_start[0] = time.perf_counter()
-        if source.round_due(state):
-            batch = source.make_round(student, state)
-            state.synthesis_seconds += time.perf_counter() - t0
+    ended_by = "budget"
+    try:
+        while not budget.done(state.step, state.elapsed()):
+            before = done_so_far()
+            t0 = round_start[0] = time.perf_counter()
+            if source.round_due(state):
+                batch = source.make_round(student, state)
+                state.synthesis_seconds += time.perf_counter() - t0
+                if budget.done(state.step, state.elapsed()):
+                    break  # out of time mid-round: the student stops where it stands
+                source.keep_round(batch, state)
+                checkpoint()
+                last_ckpt = time.monotonic()
+                bar.update(done_so_far() - before)
+                continue
+            synthesized_before = state.synthesis_seconds
+            batch = source.next_batch(student, state, gen, cfg.batch_size)
             if budget.done(state.step, state.elapsed()):
-                break  # out of time mid-round: the student stops where it stands
-            source.keep_round(batch, state)
-            checkpoint()
-            last_ckpt = time.monotonic()
+                break  # an online method's batch used up the budget
+            x = batch["x"].to(device)
+            teacher_logits = batch["target_logits"].to(device) if "target_logits" in batch else None
+            relabel = source.augment != "none"
+            if relabel:
+                x = augment.apply(source.augment, batch["x"], gen).to(device)
+            if relabel or (crit.needs_teacher and teacher_logits is not None and not update):
+                # the teacher on exactly the student's batch: new targets after augmentation, and
+                # the features that at, fa and crd compare (LRA taps them on each of its batches)
+                with torch.no_grad(), crit.capture("teacher"), accel.autocast(device):
+                    teacher_logits = teacher(x).float()
+                state.relabel_passes += x.shape[0]
+            cosine_lr(optimizer, base_lr, budget.progress(state.step, state.elapsed()))
+            student.train()
+            if update:
+                loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
+            elif defense:
+                loss = defense.student_loss(crit, student, x, teacher_logits)
+            else:
+                loss = student_loss(crit, student, x, teacher_logits, batch, gen,
+                                    source.samples or 0)
+            if not torch.isfinite(loss):
+                checkpoint()
+                raise DfkdError(f"the student's loss became {loss.item()} at step "
+                                f"{state.step}; lower --lr or the temperature (the last good "
+                                "state is checkpointed)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if defense and defense.retrospecting(budget.progress(state.step, state.elapsed())):
+                defense.retrospect(student, teacher, x, gen)
+            optimizer.step()
+            state.record_loss(loss.item())
+            state.train_seconds += time.perf_counter() - t0 - \
+                (state.synthesis_seconds - synthesized_before)
+            if state.step % LOG_EVERY == 0:
+                mean_loss = state.take_mean_loss()
+                append_jsonl(metrics_path, {"step": state.step,
+                                            "seconds": round(state.elapsed(), 3),
+                                            "loss": mean_loss,
+                                            "lr": optimizer.param_groups[0]["lr"]})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            reached = int(budget.progress(state.step, state.elapsed()) * cfg.eval_points)
+            if state.evals < reached < cfg.eval_points:  # the final point is logged after the loop
+                state.evals = reached
+                log_eval()
+            if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
+                checkpoint()
+                last_ckpt = time.monotonic()
             bar.update(done_so_far() - before)
-            continue
-        synthesized_before = state.synthesis_seconds
-        batch = source.next_batch(student, state, gen, cfg.batch_size)
-        if budget.done(state.step, state.elapsed()):
-            break  # an online method's batch used up the budget
-        x = batch["x"].to(device)
-        teacher_logits = batch["target_logits"].to(device) if "target_logits" in batch else None
-        relabel = source.augment != "none"
-        if relabel:
-            x = augment.apply(source.augment, batch["x"], gen).to(device)
-        if relabel or (crit.needs_teacher and teacher_logits is not None and not update):
-            # the teacher on exactly the student's batch: new targets after augmentation, and
-            # the features that at, fa and crd compare (LRA taps them on each of its batches)
-            with torch.no_grad(), crit.capture("teacher"), accel.autocast(device):
-                teacher_logits = teacher(x).float()
-            state.relabel_passes += x.shape[0]
-        cosine_lr(optimizer, base_lr, budget.progress(state.step, state.elapsed()))
-        student.train()
-        if update:
-            loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
-        elif defense:
-            loss = defense.student_loss(crit, student, x, teacher_logits)
-        else:
-            loss = student_loss(crit, student, x, teacher_logits, batch, gen, source.samples or 0)
-        if not torch.isfinite(loss):
-            checkpoint()
-            raise DfkdError(f"the student's loss became {loss.item()} at step {state.step}; "
-                            "lower --lr or the temperature (the last good state is checkpointed)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if defense and defense.retrospecting(budget.progress(state.step, state.elapsed())):
-            defense.retrospect(student, teacher, x, gen)
-        optimizer.step()
-        state.record_loss(loss.item())
-        state.train_seconds += time.perf_counter() - t0 - \
-            (state.synthesis_seconds - synthesized_before)
-        if state.step % LOG_EVERY == 0:
-            mean_loss = state.take_mean_loss()
-            append_jsonl(metrics_path, {"step": state.step, "seconds": round(state.elapsed(), 3),
-                                        "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-        reached = int(budget.progress(state.step, state.elapsed()) * cfg.eval_points)
-        if state.evals < reached < cfg.eval_points:  # the final point is logged after the loop
-            state.evals = reached
-            log_eval()
-        if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
-            checkpoint()
-            last_ckpt = time.monotonic()
-        bar.update(done_so_far() - before)
+    except QueryBudgetSpent:  # the student stands where the last full step left it
+        ended_by = "query budget"
     bar.close()
 
     final = log_eval()
@@ -263,7 +294,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
                           state, passes(), source, synth, device, base_lr, start,
-                          parts=(crit, synth, update, defense))
+                          parts=(crit, synth, update, defense, teacher if black_box else None))
+    report["ended_by"] = ended_by
     write_report(report, out)
     if source.last_x is not None:
         save_samples(source.last_x, out / "samples.png", f"{method}: synthesized inputs",
@@ -295,11 +327,34 @@ def requested_start(cfg: DistillConfig, synth) -> str:
     return cfg.student_init if synth is None or synth.student_sees_teacher else "random"
 
 
-def check_start(cfg: DistillConfig) -> None:
+def check_start(cfg: DistillConfig, black_box: bool = False) -> None:
     if cfg.defense != "none" and cfg.student_init == "teacher":
         raise DfkdError(f"--defense {cfg.defense} starts the student from its own "
                         "initialization: the teacher's weights would carry its backdoor; drop "
                         "--student-init teacher")
+    if black_box and cfg.student_init == "teacher":
+        raise DfkdError("a black-box teacher has no weights to start the student from; drop "
+                        "--student-init teacher")
+
+
+BLACK_BOX_LOSSES = ("kd", "l1")  # student losses that need only the teacher's outputs
+
+
+def check_black_box(cfg: DistillConfig, synth) -> None:
+    """Refuse, in one line each, what needs more of the teacher than its answers (the method
+    itself is checked where it is created)."""
+    if synth is None:
+        raise DfkdError("--transfer-set trains on a stored set and needs no teacher API; give "
+                        "the teacher the set was made from")
+    loss = cfg.loss or synth.student_loss
+    if loss not in BLACK_BOX_LOSSES:
+        raise DfkdError(f"student loss '{loss}' reads the teacher's layers; with a black-box "
+                        f"teacher use {' or '.join(BLACK_BOX_LOSSES)}")
+    for flag, value in (("--update", cfg.update != "plain" and cfg.update),
+                        ("--defense", cfg.defense != "none" and cfg.defense)):
+        if value:
+            raise DfkdError(f"{flag} {value} needs the teacher's weights or layers; a black-box "
+                            "teacher has neither")
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -319,7 +374,8 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "train_seconds": round(state.train_seconds, 3), "teacher_passes": teacher_passes,
         "seed": cfg.seed, "dataset": evaluator.name, "budget": cfg.budget,
         "student": student.arch, "teacher": str(cfg.teacher.path), "teacher_arch": teacher.arch,
-        "student_params": _params(student.net), "teacher_params": _params(teacher.net),
+        "student_params": _params(student.net),
+        "teacher_params": None if is_black_box(teacher) else _params(teacher.net),
         "steps": state.step, "synthesis_rounds": state.rounds,
         "optimizer": cfg.optimizer, "lr": lr, "student_init": start,
         "samples": source.samples, "temperature": temperature,

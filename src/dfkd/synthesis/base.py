@@ -37,6 +37,9 @@ class Synthesizer:
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
     student_sees_teacher: ClassVar[bool] = True  # False: the student may not start from the
     # teacher's weights either (scratch_real, the no-teacher anchor, ignores --student-init)
+    black_box: ClassVar[tuple[str, ...]] = ()  # the API access levels (dfkd.blackbox.wire) it
+    # can distill from: a method that needs only the teacher's answers, never its gradients,
+    # layers or weights
     round_options: ClassVar[tuple[str, str]] = ("batch_size", "steps")  # a transfer-set round's
     # samples and optimization steps: the options the engine's planner (dfkd.engine.plan) may set
 
@@ -229,6 +232,11 @@ def device_default(value, gpu, cpu, device: torch.device):
 
 def create_synthesizer(name: str, teacher: Classifier, options: dict, seed: int) -> Synthesizer:
     cls = method_class(name)
+    access = getattr(teacher, "access", None)  # a black-box teacher's (dfkd.blackbox)
+    if access and access not in cls.black_box:
+        able = sorted(n for n, c in _METHODS.items() if access in c.black_box)
+        raise DfkdError(f"method '{name}' needs more of the teacher than a black-box API with "
+                        f"{access} access gives; methods that can use it: {', '.join(able)}")
     return cls(teacher, parse_options(cls, options), seed)
 
 

@@ -23,6 +23,7 @@ class Noise(Synthesizer):
     family = "online"
     Options = NoiseOptions
     temperature = 4.0
+    black_box = ("soft", "topk", "top1")
 
     def synthesize(self, student, index):
         o, t = self.opts, self.teacher

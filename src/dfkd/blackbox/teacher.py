@@ -1,0 +1,230 @@
+"""A teacher that only answers queries: the client side of `dfkd serve` (or any API that speaks
+dfkd.blackbox.wire), metered against a query budget.
+
+`BlackBoxTeacher` looks like a `Classifier` to the engine (an input spec, pixels in, logits out)
+but has no weights, no gradients and no layers. Its "logits" are recovered from the answer's
+probabilities (`recovered_logits`): exact up to a constant when the API answers with them. Every
+image sent counts as one query once its answer arrives; a request that fails is retried with
+exponential backoff and counted once, when it succeeds. The `train` stream counts against the
+budget; the `eval` stream (the teacher's accuracy, for the report) is counted apart. With a query
+log (dfkd.blackbox.query_log) a replayed question is answered from the log for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from dfkd.blackbox.query_log import QueryLog, digest
+from dfkd.blackbox.wire import NPY, answer, answer_probs, encode_inputs
+from dfkd.errors import DfkdError
+from dfkd.hooks import eval_mode
+from dfkd.models.classifier import Classifier, InputSpec
+
+STREAMS = ("train", "eval")
+
+
+class QueryBudgetSpent(Exception):
+    """The next request would pass --query-budget: the run ends where it stands."""
+
+
+class TeacherUnavailable(DfkdError):
+    """The API kept failing; what it answered before is in the query log."""
+
+
+def recovered_logits(probs: torch.Tensor) -> torch.Tensor:
+    """log p less its mean over the classes (DFME's 'mean' correction): the teacher's logits up
+    to the constant a softmax ignores, so KD at any temperature sees exactly its distribution."""
+    logp = probs.float().clamp_min(1e-12).log()
+    return logp - logp.mean(1, keepdim=True)
+
+
+def is_black_box(teacher) -> bool:
+    return isinstance(teacher, BlackBoxTeacher)
+
+
+class LocalAPI:
+    """A loaded model behind the same answers as `dfkd serve`, in process (tests, benchmarks)."""
+
+    def __init__(self, model: Classifier, access: str = "soft", topk: int = 5,
+                 max_batch: int = 1024):
+        self.model, self.access, self.topk, self.max_batch = model, access, topk, max_batch
+        self.url = f"local:{model.arch}"
+
+    def info(self) -> dict:
+        s = self.model.spec
+        return {"input_shape": list(s.shape), "num_classes": s.num_classes,
+                "access": self.access, "topk": self.topk, "max_batch": self.max_batch,
+                "dataset": s.dataset}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict:
+        with eval_mode(self.model):
+            probs = self.model(x.to(self.model.mean.device)).float().softmax(1).cpu()
+        return answer(probs, self.access, self.topk)
+
+
+class HttpAPI:
+    """The API at `url`, over HTTP (httpx). Timeouts, connection errors, 429 and 5xx are retried
+    `retries` times with exponential backoff; another 4xx is the caller's mistake and fails at
+    once with the server's reason."""
+
+    def __init__(self, url: str, timeout: float = 60.0, retries: int = 5, backoff: float = 0.5,
+                 sleep=time.sleep, transport=None):
+        try:
+            import httpx
+        except ImportError:
+            raise DfkdError("black-box teachers over HTTP need httpx; install it with pip "
+                            "install 'dfkd[serve]'") from None
+        self.url, self.retries, self.backoff, self.sleep = url.rstrip("/"), retries, backoff, sleep
+        self.httpx = httpx
+        self.client = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+
+    def info(self) -> dict:
+        return self._request("GET", "/v1/info")
+
+    def predict(self, x: torch.Tensor) -> dict:
+        return self._request("POST", "/v1/predict", content=encode_inputs(x),
+                             headers={"content-type": NPY})
+
+    def _request(self, method: str, path: str, **kwargs) -> dict:
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                r = self.client.request(method, path, **kwargs)
+            except self.httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                continue
+            if r.status_code < 400:
+                try:
+                    return r.json()
+                except ValueError:
+                    raise TeacherUnavailable(f"the teacher API at {self.url} answered {path} "
+                                             "with something that is not JSON") from None
+            reason = _reason(r)
+            if r.status_code < 500 and r.status_code != 429:
+                raise DfkdError(f"the teacher API at {self.url} refused {method} {path} "
+                                f"({r.status_code}): {reason}")
+            problem = f"HTTP {r.status_code}: {reason}"
+        raise TeacherUnavailable(f"the teacher API at {self.url} failed {self.retries + 1} "
+                                 f"times in a row ({problem}); rerun with --resume when it is "
+                                 "back: answers already paid for are replayed from the query log")
+
+
+def _reason(response) -> str:
+    try:
+        return str(response.json().get("error", response.text))[:300]
+    except ValueError:
+        return response.text[:300].strip() or response.reason_phrase
+
+
+class BlackBoxTeacher(nn.Module):
+    """The engine's view of an API: `forward` takes [0, 1] pixels and returns recovered logits.
+
+    The spec's mean and std are 0.5: methods that work in a normalized input space (noise,
+    generators) then work in [-1, 1], the teacher's own normalization being invisible."""
+
+    arch = "black-box"
+
+    def __init__(self, api, query_budget: int = 0):
+        super().__init__()
+        info = api.info()
+        try:
+            shape, k = tuple(int(s) for s in info["input_shape"]), int(info["num_classes"])
+            self.access, self.max_batch = str(info["access"]), int(info["max_batch"])
+        except (KeyError, TypeError, ValueError):
+            raise DfkdError(f"the teacher API at {api.url} gave no usable /v1/info") from None
+        c = shape[0]
+        self.spec = InputSpec(shape, (0.5,) * c, (0.5,) * c, k, info.get("dataset"))
+        self.register_buffer("mean", torch.full((1, c, 1, 1), 0.5), persistent=False)
+        self.register_buffer("std", torch.full((1, c, 1, 1), 0.5), persistent=False)
+        self.api, self.url, self.budget = api, api.url, query_budget
+        self.calls = dict.fromkeys(STREAMS, 0)  # requests asked per stream (log positions)
+        self.paid = dict.fromkeys(STREAMS, 0)  # images the API answered per stream
+        self.replayed = 0  # images answered from the log
+        self.stream = "train"
+        self.logs: dict[str, QueryLog] = {}
+
+    @property
+    def net(self):
+        raise DfkdError("a black-box teacher has no layers or weights to reach into")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+    def open_log(self, folder) -> None:
+        for s in STREAMS:
+            self.logs[s] = QueryLog(folder, s)
+            self.paid[s] = self.logs[s].paid
+
+    @contextlib.contextmanager
+    def metered(self, stream: str):
+        """Queries inside the block go to `stream` (train: against the budget; eval: apart)."""
+        before, self.stream = self.stream, stream
+        try:
+            yield self
+        finally:
+            self.stream = before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().cpu()
+        probs = torch.cat([self._ask(x[i:i + self.max_batch])
+                           for i in range(0, len(x), self.max_batch)])
+        return recovered_logits(probs).to(self.mean.device)
+
+    def _ask(self, x: torch.Tensor) -> torch.Tensor:
+        s, n = self.stream, len(x)
+        position, dig, log = self.calls[s], digest(x), self.logs.get(s)
+        logged = log.get(position, dig) if log else None
+        if logged is not None:
+            self.calls[s] += 1
+            self.replayed += n
+            return logged
+        if s == "train" and self.budget and self.paid[s] + n > self.budget:
+            raise QueryBudgetSpent(f"{self.paid[s]} of {self.budget} queries spent; the next "
+                                   f"request asks {n}")
+        ans = self.api.predict(x)
+        try:
+            probs = answer_probs(ans, self.access, self.spec.num_classes, n)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TeacherUnavailable(f"the teacher API at {self.url} answered a malformed "
+                                     f"batch: {e}") from None
+        self.calls[s] += 1
+        self.paid[s] += n
+        if log:
+            log.append(position, dig, probs)
+        return probs
+
+    def query_state(self) -> dict:
+        return {"calls": self.calls["train"], "paid": self.paid["train"]}
+
+    def load_query_state(self, state: dict) -> None:
+        """Back to a checkpoint: its position in the train stream; what was paid comes from the
+        log when there is one (it holds what the checkpoint could not know)."""
+        self.calls["train"] = int(state["calls"])
+        if "train" not in self.logs:
+            self.paid["train"] = int(state["paid"])
+
+    def report(self) -> dict:
+        return {"teacher_access": self.access, "queries": self.paid["train"],
+                "query_budget": self.budget or None, "eval_queries": self.paid["eval"],
+                "replayed_queries": self.replayed}
+
+
+def connect(url: str) -> BlackBoxTeacher:
+    return BlackBoxTeacher(HttpAPI(url))
+
+
+@contextlib.contextmanager
+def metered(teacher, stream: str):
+    """`teacher.metered(stream)` for a black box; nothing for a white-box teacher."""
+    with teacher.metered(stream) if is_black_box(teacher) else contextlib.nullcontext():
+        yield

@@ -1,0 +1,99 @@
+"""DFME (Truong, Maini, Walls, Papernot, CVPR 2021, "Data-Free Model Extraction"; code
+cake-lab/datafree-model-extraction): a student from a teacher that only answers with
+probabilities, with no gradient from it.
+
+As DFAD, a generator G plays against the student: it seeks inputs on which the student's logits
+are far (L1) from the teacher's, and the student learns to close the gap on them. A black-box
+teacher's logits are recovered from its probabilities (log p less its mean over the classes, the
+logits up to the constant a softmax ignores: dfkd.blackbox.teacher.recovered_logits); a white-box
+teacher gives its true logits. G cannot backpropagate through a black box, so the gradient of the
+disagreement with respect to G's output g is estimated by forward differences along `directions`
+random unit vectors u at step `epsilon`, dim/eps * mean_u[(L(g + eps u) - L(g)) u], each
+direction one extra query per image. G's output passes through tanh to pixels, (tanh(g) + 1) / 2.
+
+Queries per cycle of one G step and `g_every` student steps: batch_size * (directions + 1 +
+g_every) (the paper's cost_per_iteration). Departures from the reference: the student's learning
+rate follows the engine's cosine decay instead of steps at 10/30/50% of the budget, and the G
+learning rate stays constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.synthesis.base import register_method, require_positive, student_as_judge
+from dfkd.synthesis.generative import GeneratorMethod, GeneratorOptions
+
+
+@dataclass
+class DFMEOptions(GeneratorOptions):
+    nz: int = 256  # latent size (reference: 256)
+    lr_g: float = 1e-4  # Adam learning rate of G (reference: 1e-4)
+    g_every: int = 5  # one G step per 5 student steps (paper: n_G = 1, n_S = 5)
+    bn_weight: float = 0.0  # no BatchNorm prior: a black box has no BatchNorm to read
+    directions: int = 1  # random directions of the gradient estimate (paper: m = 1)
+    epsilon: float = 1e-3  # forward-difference step in G's output space (paper: 1e-3)
+
+
+def forward_difference_gradient(losses: torch.Tensor, u: torch.Tensor, epsilon: float,
+                                num_classes: int) -> torch.Tensor:
+    """The estimate of d(mean loss)/dg from losses (n, m + 1) at g + eps u_1..u_m and at g
+    (last column), u (n, m, *shape) unit directions: dim / eps * mean_m[(L_i - L_0) u_i],
+    scaled by 1 / (K n) as in the reference."""
+    n, m = u.shape[:2]
+    dim = u[0, 0].numel()
+    diff = (losses[:, :m] - losses[:, m:]).view(n, m, *([1] * (u.dim() - 2)))
+    return dim / epsilon * (diff * u).mean(1) / (num_classes * n)
+
+
+@register_method
+class DFME(GeneratorMethod):
+    """DFME (Truong et al., CVPR 2021): DFAD against a black box, with zero-order gradients."""
+
+    name = "dfme"
+    Options = DFMEOptions
+    temperature = 1.0  # unused by its L1 student loss
+    student_loss = "l1"
+    adversarial = True
+    black_box = ("soft", "topk")
+
+    def __init__(self, teacher, options, seed):
+        if options.bn_weight:
+            raise DfkdError("dfme asks only the teacher's answers; bn_weight needs its BatchNorm "
+                            "layers (use dfad for a BatchNorm prior)")
+        super().__init__(teacher, options, seed)
+        require_positive(options, "directions", "epsilon")
+
+    @staticmethod
+    def pixels(g: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(g) + 1) / 2
+
+    def generator_step(self, student, gen):
+        o, k = self.opts, self.teacher.spec.num_classes
+        g = self.G(self.latent(gen, o.batch_size))
+        with torch.no_grad(), student_as_judge(student) as judge:
+            u = torch.randn((len(g), o.directions, *g.shape[1:]), generator=gen,
+                            device=g.device)
+            u = u / u.flatten(2).norm(dim=2).view(*u.shape[:2], *([1] * (g.dim() - 1)))
+            points = torch.cat([g.detach().unsqueeze(1) + o.epsilon * u, g.detach().unsqueeze(1)],
+                               dim=1).flatten(0, 1)
+            x = self.pixels(points)
+            t = self.teacher(x).float()
+            self.teacher_passes += len(x)
+            losses = -(judge(x).float() - t).abs().mean(1).view(len(g), o.directions + 1)
+            grad = forward_difference_gradient(losses, u, o.epsilon, k)
+        self.g_opt.zero_grad(set_to_none=True)
+        g.backward(grad)
+        self.g_opt.step()
+        self.g_steps += 1
+        return losses[:, -1].mean()
+
+    def batch(self, g, index):
+        x = self.pixels(g.detach())
+        n = x.shape[0]
+        return {"x": x, "target_logits": self.label(x),
+                "classes": torch.full((n,), -1, dtype=torch.long, device=x.device),
+                "seeds": self.seeds(index, n)}

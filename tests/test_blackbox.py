@@ -1,0 +1,358 @@
+"""Black-box teachers: the wire format, `dfkd serve`'s answers and refusals, the client's retries
+and metering, the query log, and distillation from an API on loopback, killed and resumed."""
+
+import contextlib
+import io
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from safetensors.torch import load_file
+
+from dfkd.blackbox.query_log import QueryLog, digest
+from dfkd.blackbox.server import create_app
+from dfkd.blackbox.teacher import (
+    BlackBoxTeacher,
+    HttpAPI,
+    LocalAPI,
+    QueryBudgetSpent,
+    TeacherUnavailable,
+    recovered_logits,
+)
+from dfkd.blackbox.wire import NPY, BadRequest, answer, answer_probs, decode_inputs, encode_inputs
+from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.engine import distill as engine
+from dfkd.engine.distill import distill
+from dfkd.errors import DfkdError
+from dfkd.models.classifier import load_classifier
+from dfkd.synthesis.dfme import DFME
+
+
+@pytest.fixture(scope="module")
+def model(digits_teacher):
+    return load_classifier(digits_teacher).eval()
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free loopback port, in a thread of this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# ---- wire format -------------------------------------------------------------------------------
+
+def test_inputs_round_trip_and_bad_ones_get_a_status_and_a_reason():
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(decode_inputs(encode_inputs(x), (1, 8, 8), 4), x)
+    cases = [(b"not an array", 400, "not a .npy array"),
+             (_npy(np.zeros((2, 1, 8, 8), np.float64)), 422, "dtype float64"),
+             (_npy(np.zeros((2, 1, 9, 8), np.float32)), 422, "expected Nx1x8x8"),
+             (_npy(np.zeros((0, 1, 8, 8), np.float32)), 422, "empty"),
+             (_npy(np.zeros((5, 1, 8, 8), np.float32)), 413, "at most 4"),
+             (_npy(np.full((1, 1, 8, 8), 1.5, np.float32)), 422, r"in \[0, 1\]"),
+             (_npy(np.full((1, 1, 8, 8), np.nan, np.float32)), 422, "finite")]
+    for body, status, reason in cases:
+        with pytest.raises(BadRequest, match=reason) as e:
+            decode_inputs(body, (1, 8, 8), 4)
+        assert e.value.status == status
+
+
+def test_each_access_level_reveals_what_it_says_and_is_read_back():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    assert torch.equal(answer_probs(answer(probs, "soft", 2), "soft", 3, 2), probs)
+    top1 = answer(probs, "top1", 2)
+    assert top1 == {"classes": [1, 0]}
+    assert torch.equal(answer_probs(top1, "top1", 3, 2), torch.tensor([[0., 1, 0], [1, 0, 0]]))
+    topk = answer(probs, "topk", 2)
+    assert topk["classes"] == [[1, 2], [0, 2]]
+    # the top 2 as given, the rest of the mass on the one class left
+    assert torch.allclose(answer_probs(topk, "topk", 3, 2), probs)
+    with pytest.raises(ValueError):
+        answer_probs({"classes": [1, 7]}, "top1", 3, 2)
+    with pytest.raises(ValueError):
+        answer_probs({"probs": [[1.0]]}, "soft", 3, 2)
+
+
+def test_recovered_logits_give_the_teachers_softmax_at_any_temperature():
+    logits = torch.randn(4, 10) * 3
+    rec = recovered_logits(logits.softmax(1))
+    assert torch.allclose(rec.mean(1), torch.zeros(4), atol=1e-5)
+    for t in (1.0, 4.0, 20.0):
+        assert torch.allclose((rec / t).softmax(1), (logits / t).softmax(1), atol=1e-5)
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+def test_the_server_answers_at_its_access_level_and_refuses_bad_requests(model):
+    x = torch.rand(5, *model.spec.shape)
+    with torch.no_grad():
+        expected = model(x).softmax(1)
+    npy = {"content-type": NPY}
+    with serving(create_app(model, "soft", max_batch=8)) as url, httpx.Client(base_url=url) as c:
+        info = c.get("/v1/info").json()
+        assert info == {"input_shape": [1, 8, 8], "num_classes": 10, "access": "soft",
+                        "topk": None, "max_batch": 8, "dataset": "digits"}
+        r = c.post("/v1/predict", content=encode_inputs(x), headers=npy)
+        assert r.status_code == 200
+        assert torch.allclose(torch.tensor(r.json()["probs"]), expected, atol=1e-6)
+        refusals = [
+            (c.post("/v1/predict", json={"inputs": [1]}), 415, "application/x-npy"),
+            (c.post("/v1/predict", content=encode_inputs(torch.rand(9, 1, 8, 8)), headers=npy),
+             413, "at most 8"),
+            (c.post("/v1/predict", content=b"x" * 10**6, headers=npy), 413, "bytes"),
+            (c.post("/v1/predict", content=encode_inputs(torch.rand(2, 3, 8, 8)), headers=npy),
+             422, "expected Nx1x8x8"),
+            (c.post("/v1/predict", content=b"junk", headers=npy), 400, "not a .npy"),
+        ]
+        for response, status, reason in refusals:
+            assert response.status_code == status
+            assert reason in response.json()["error"]
+        assert c.get("/v1/predict").status_code == 405
+        assert c.get("/v2/anything").status_code == 404
+        assert c.post("/v1/predict", content=encode_inputs(x), headers=npy).status_code == 200
+    with serving(create_app(model, "top1")) as url:
+        r = httpx.post(f"{url}/v1/predict", content=encode_inputs(x), headers=npy)
+        assert r.json() == {"classes": expected.argmax(1).tolist()}
+    with pytest.raises(DfkdError, match="access must be one of"):
+        create_app(model, "logits")
+
+
+def test_dfkd_serve_refuses_a_bad_access_level_and_quantize_a_url(capsys):
+    from dfkd.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "m", "--access", "all"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["quantize", "--model", "http://127.0.0.1:9", "--out", "x"]) == 2
+    assert "needs the model's weights" in capsys.readouterr().err
+
+
+# ---- the client: retries and metering ----------------------------------------------------------
+
+class Flaky:
+    """A transport that fails in the given ways, then answers as the model would."""
+
+    def __init__(self, model, failures):
+        self.api, self.failures, self.posts = LocalAPI(model), list(failures), 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/info":
+            return httpx.Response(200, json=self.api.info())
+        self.posts += 1
+        if self.failures:
+            failure = self.failures.pop(0)
+            if failure == "timeout":
+                raise httpx.ReadTimeout("timed out", request=request)
+            return httpx.Response(failure, json={"error": "busy"})
+        x = decode_inputs(request.content, (1, 8, 8), 1024)
+        return httpx.Response(200, json=self.api.predict(x))
+
+
+def _http(model, failures, retries=3):
+    flaky, slept = Flaky(model, failures), []
+    api = HttpAPI("http://api", retries=retries, backoff=0.5, sleep=slept.append,
+                  transport=httpx.MockTransport(flaky))
+    return api, flaky, slept
+
+
+def test_timeouts_and_5xx_are_retried_with_backoff_and_counted_once(model):
+    api, flaky, slept = _http(model, ["timeout", 503, 429])
+    teacher = BlackBoxTeacher(api)
+    x = torch.rand(6, 1, 8, 8)
+    out = teacher(x)
+    with torch.no_grad():
+        assert torch.allclose(out.softmax(1), model(x).softmax(1), atol=1e-5)
+    assert flaky.posts == 4 and slept == [0.5, 1.0, 2.0]
+    assert teacher.paid["train"] == 6  # the three failed attempts cost nothing
+
+
+def test_a_client_error_fails_at_once_and_a_dead_api_after_its_retries(model):
+    api, flaky, slept = _http(model, [400])
+    with pytest.raises(DfkdError, match=r"refused POST /v1/predict \(400\): busy"):
+        BlackBoxTeacher(api)(torch.rand(2, 1, 8, 8))
+    assert flaky.posts == 1 and slept == []
+    api, flaky, slept = _http(model, [500] * 10, retries=2)
+    with pytest.raises(TeacherUnavailable, match="failed 3 times in a row .*--resume"):
+        BlackBoxTeacher(api)(torch.rand(2, 1, 8, 8))
+
+
+class Counting(LocalAPI):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.sent = []
+
+    def predict(self, x):
+        self.sent.append(len(x))
+        return super().predict(x)
+
+
+def test_requests_are_split_at_max_batch_and_stop_at_the_budget(model):
+    api = Counting(model, max_batch=4)
+    teacher = BlackBoxTeacher(api, query_budget=12)
+    teacher(torch.rand(10, 1, 8, 8))
+    assert api.sent == [4, 4, 2] and teacher.paid["train"] == 10
+    with pytest.raises(QueryBudgetSpent, match="10 of 12 queries spent"):
+        teacher(torch.rand(3, 1, 8, 8))
+    with teacher.metered("eval"):  # evaluation is counted apart, never refused
+        teacher(torch.rand(8, 1, 8, 8))
+    assert teacher.paid == {"train": 10, "eval": 8}
+
+
+def test_a_logged_question_is_answered_from_the_log_for_free(model, tmp_path):
+    x1, x2 = torch.rand(5, 1, 8, 8), torch.rand(5, 1, 8, 8)
+    first = BlackBoxTeacher(Counting(model))
+    first.open_log(tmp_path)
+    a1, a2 = first(x1), first(x2)
+    again_api = Counting(model)
+    again = BlackBoxTeacher(again_api, query_budget=10)
+    again.open_log(tmp_path)
+    assert again.paid["train"] == 10  # what the log says was paid
+    assert torch.equal(again(x1), a1) and torch.equal(again(x2), a2)
+    assert again_api.sent == [] and again.replayed == 10
+    with pytest.raises(QueryBudgetSpent):  # a new question is paid, and the budget is spent
+        again(torch.rand(1, 1, 8, 8))
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
+    log = QueryLog(tmp_path, "train")
+    p = torch.rand(3, 10).softmax(1)
+    x = torch.rand(3, 1, 8, 8)
+    log.append(0, digest(x), p)
+    log.append(1, digest(x), p)
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[:-7])
+    reopened = QueryLog(tmp_path, "train")
+    assert reopened.paid == 3 and torch.equal(reopened.get(0, digest(x)), p)
+    assert reopened.get(1, digest(x)) is None and reopened.get(0, b"0" * 16) is None
+    assert reopened.path.stat().st_size == len(data) // 2
+
+
+# ---- DFME --------------------------------------------------------------------------------------
+
+def test_the_forward_difference_estimate_points_along_the_true_gradient():
+    from dfkd.synthesis.dfme import forward_difference_gradient
+
+    torch.manual_seed(0)
+    w = torch.randn(2, 1, 4, 4)
+    g = torch.randn(2, 1, 4, 4)
+    m, eps = 4000, 1e-3
+    u = torch.randn(2, m, 1, 4, 4)
+    u = u / u.flatten(2).norm(dim=2).view(2, m, 1, 1, 1)
+    loss = lambda x: (x * w.unsqueeze(1)).flatten(2).sum(2)  # noqa: E731  per point, linear
+    points = torch.cat([g.unsqueeze(1) + eps * u, g.unsqueeze(1)], dim=1)
+    est = forward_difference_gradient(loss(points), u, eps, num_classes=1)
+    # the true gradient of the mean loss over the 2 samples is w / 2
+    cos = torch.nn.functional.cosine_similarity(est.flatten(), (w / 2).flatten(), dim=0)
+    assert cos > 0.95 and torch.allclose(est.norm(), (w / 2).norm(), rtol=0.1)
+
+
+def test_dfme_trains_its_generator_from_answers_alone(model):
+    from dfkd.models.classifier import new_classifier
+
+    api = Counting(model)
+    teacher = BlackBoxTeacher(api)
+    student = new_classifier("digits_cnn_quarter", model.spec)
+    opts = DFME.Options(batch_size=8, nz=16, ngf=8, g_every=2, directions=2)
+    synth = DFME(teacher, opts, seed=0)
+    before = [p.clone() for p in synth.G.parameters()]
+    batch = synth.synthesize(student, 0)
+    assert api.sent == [8 * 3, 8]  # the G step's 3 points per image, then the batch
+    assert any(not torch.equal(a, b) for a, b in zip(before, synth.G.parameters(), strict=True))
+    assert batch["x"].min() >= 0 and batch["x"].max() <= 1
+    assert torch.allclose(batch["target_logits"].mean(1), torch.zeros(8), atol=1e-5)
+    assert all(p.grad is None for p in student.parameters())
+    with pytest.raises(DfkdError, match="bn_weight needs its BatchNorm"):
+        DFME(teacher, DFME.Options(bn_weight=1.0), seed=0)
+
+
+# ---- distillation from an API on loopback ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_url(model):
+    with serving(create_app(model, "soft")) as url:
+        yield url
+
+
+def _cfg(url, out, **kw):
+    base = dict(teacher=TeacherArgs(path=url), method="dfme",
+                method_options={"batch_size": 16, "nz": 16, "ngf": 8},
+                student="digits_cnn_quarter", out=str(out), budget="30steps", device="cpu",
+                eval_dataset="digits", eval_points=3, batch_size=16, checkpoint_seconds=0.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_distill_from_an_api_reports_its_queries_and_stops_at_the_budget(api_url, tmp_path):
+    r = distill(_cfg(api_url, tmp_path / "a"), progress=False)
+    # 30 student batches of 16, and 6 G steps of 16 images at 2 points each
+    assert r["queries"] == 30 * 16 + 6 * 16 * 2 and r["ended_by"] == "budget"
+    assert r["teacher_access"] == "soft" and r["teacher_params"] is None
+    assert r["eval_queries"] == 450 and r["teacher_acc"] > 0.9
+    assert r["student_init"] == "random"
+    r = distill(_cfg(api_url, tmp_path / "b", query_budget=200), progress=False)
+    assert r["ended_by"] == "query budget" and r["queries"] <= 200 and r["steps"] < 30
+    assert (tmp_path / "b" / "student.safetensors").exists()
+
+
+def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, monkeypatch):
+    full = distill(_cfg(api_url, tmp_path / "full"), progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    original, calls = engine.student_loss, {"n": 0}
+
+    def loss_then_die(*a, **k):  # dies inside step 18, after its batch was paid for
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise Killed
+        return original(*a, **k)
+
+    monkeypatch.setattr(engine, "student_loss", loss_then_die)
+    cfg = _cfg(api_url, tmp_path / "killed")
+    with pytest.raises(Killed):
+        distill(cfg, progress=False)
+    monkeypatch.undo()
+    resumed = distill(cfg, resume=True, progress=False)
+    assert resumed["queries"] == full["queries"]  # the replayed step's batch came from the log
+    assert resumed["replayed_queries"] >= 16 and resumed["student_acc"] == full["student_acc"]
+    a = load_file(str(tmp_path / "full" / "student.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"method": "deepinv"}, "methods that can use it: dfme, noise"),
+    ({"student": ""}, "give --student NAME"),
+    ({"loss": "at"}, "reads the teacher's layers"),
+    ({"defense": "abd"}, "--defense abd needs the teacher's weights"),
+    ({"student_init": "teacher"}, "no weights to start the student from"),
+])
+def test_what_needs_more_than_answers_is_refused_in_one_line(api_url, tmp_path, kw, message):
+    with pytest.raises(DfkdError, match=message):
+        distill(_cfg(api_url, tmp_path / "x", **kw), progress=False)
