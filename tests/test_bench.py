@@ -259,3 +259,22 @@ def test_a_poisoned_suite_reports_attack_success_and_defended_rows(tmp_path):
     clean = run_bench(_cfg(tmp_path, methods="noise", out=str(tmp_path / "c")), progress=False)
     assert "student_asr" not in clean[0]
     assert len(list((tmp_path / "cache").iterdir())) == len(cached) + 1  # its own teacher
+
+
+def test_black_box_rows_distill_through_a_served_api_and_count_queries(tmp_path):
+    """--access puts the suite teacher behind `dfkd serve` (a child process on loopback) for
+    every method that can use it; the rest run on its weights, marked white box."""
+    cfg = _cfg(tmp_path, methods="deepinv,noise", access="top1", query_budget=320)
+    records = run_bench(cfg, progress=False)
+    rows = {r["method"]: r for r in records}
+    assert all("error" not in r for r in records), records
+    noise = rows["noise"]
+    assert noise["teacher_access"] == "top1" and noise["queries"] == 320
+    assert noise["ended_by"] == "query budget" and noise["steps"] == 10
+    assert noise["curve"][-1]["queries"] == 320
+    assert "queries" not in rows["deepinv"] and "queries" not in rows["kd_real"]
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "| deepinv (white box) |" in table and "| queries |" in table
+    assert "top1 access, at most 320 queries each" in table
+    assert (tmp_path / "b" / "queries.png").exists()
+    assert "serving" in (tmp_path / "b" / "runs" / "noise" / "seed0" / "serve.log").read_text()

@@ -356,3 +356,16 @@ def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, mo
 def test_what_needs_more_than_answers_is_refused_in_one_line(api_url, tmp_path, kw, message):
     with pytest.raises(DfkdError, match=message):
         distill(_cfg(api_url, tmp_path / "x", **kw), progress=False)
+
+
+def test_a_run_resumes_against_the_api_at_a_new_address_but_not_another_api(api_url, model,
+                                                                              tmp_path):
+    cfg = _cfg(api_url, tmp_path / "r", budget="4steps")
+    first = distill(cfg, progress=False)
+    with serving(create_app(model, "soft")) as moved:
+        again = distill(_cfg(moved, tmp_path / "r", budget="4steps"), resume=True,
+                        progress=False)
+    assert again["queries"] == first["queries"] and again["student_acc"] == first["student_acc"]
+    with serving(create_app(model, "topk")) as other, \
+            pytest.raises(DfkdError, match="came from one that answers"):
+        distill(_cfg(other, tmp_path / "r", budget="4steps"), resume=True, progress=False)

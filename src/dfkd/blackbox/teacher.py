@@ -13,6 +13,7 @@ log (dfkd.blackbox.query_log) a replayed question is answered from the log for f
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import torch
@@ -22,6 +23,7 @@ from dfkd.blackbox.query_log import QueryLog, digest
 from dfkd.blackbox.wire import NPY, answer, answer_probs, encode_inputs
 from dfkd.errors import DfkdError
 from dfkd.hooks import eval_mode
+from dfkd.io import write_json
 from dfkd.models.classifier import Classifier, InputSpec
 
 STREAMS = ("train", "eval")
@@ -57,7 +59,8 @@ class LocalAPI:
     def info(self) -> dict:
         s = self.model.spec
         return {"input_shape": list(s.shape), "num_classes": s.num_classes,
-                "access": self.access, "topk": self.topk, "max_batch": self.max_batch,
+                "access": self.access, "topk": self.topk if self.access == "topk" else None,
+                "max_batch": self.max_batch,
                 "dataset": s.dataset}
 
     @torch.no_grad()
@@ -137,6 +140,7 @@ class BlackBoxTeacher(nn.Module):
         try:
             shape, k = tuple(int(s) for s in info["input_shape"]), int(info["num_classes"])
             self.access, self.max_batch = str(info["access"]), int(info["max_batch"])
+            self.topk = info.get("topk")
         except (KeyError, TypeError, ValueError):
             raise DfkdError(f"the teacher API at {api.url} gave no usable /v1/info") from None
         c = shape[0]
@@ -161,6 +165,14 @@ class BlackBoxTeacher(nn.Module):
         return z * self.std + self.mean
 
     def open_log(self, folder) -> None:
+        """Keep paid answers in `folder`; an API that answers otherwise than the one the log
+        came from (another input, class count or access level) is refused."""
+        folder.mkdir(parents=True, exist_ok=True)
+        seen, path = self.identity(), folder / "api.json"
+        if path.exists() and json.loads(path.read_text()) != seen:
+            raise DfkdError(f"the API at {self.url} answers {seen}, but this run's queries came "
+                            f"from one that answers {path.read_text()}; resume against that one")
+        write_json(path, seen)
         for s in STREAMS:
             self.logs[s] = QueryLog(folder, s)
             self.paid[s] = self.logs[s].paid
@@ -202,6 +214,10 @@ class BlackBoxTeacher(nn.Module):
         if log:
             log.append(position, dig, probs)
         return probs
+
+    def identity(self) -> dict:
+        return {"input_shape": list(self.spec.shape), "num_classes": self.spec.num_classes,
+                "access": self.access, "topk": self.topk}
 
     def query_state(self) -> dict:
         return {"calls": self.calls["train"], "paid": self.paid["train"]}

@@ -11,6 +11,7 @@ from their checkpoints, so a crash or Ctrl-C loses at most a few seconds of work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dfkd.blackbox.launch import served
+from dfkd.blackbox.wire import ACCESS
 from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import (
@@ -82,11 +85,18 @@ class BenchConfig:
                          "suite teacher is poisoned with it (trained so, or a published one "
                          "fine-tuned so), and every run reports teacher and student attack "
                          "success; METHOD+abd rows defend against it", metavar="SPEC")
+    access: str = option("", "black-box rows: every data-free method that can use a teacher "
+                         "API at this access level (soft, topk, top1) distills from the suite "
+                         "teacher behind `dfkd serve` on loopback; the others run on its weights "
+                         "(marked white box)", choices=("", *ACCESS))
+    query_budget: int = option(0, "with --access: queries each black-box run may send (0: no "
+                               "limit)", metavar="N")
 
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss", "student_init", "schedule", "poison")
+          "method_options", "loss", "student_init", "schedule", "poison", "access",
+          "query_budget")
 # fine-tuning a published teacher to poison it (train-teacher --init), unless --teacher-epochs
 POISON_FINETUNE = {"epochs": 10, "lr": 0.01}
 # train-teacher options added after teachers were first cached: at their defaults they stay out
@@ -238,11 +248,18 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)
+        black_box = cfg.access in method_class(method_name).black_box
         if progress:
-            tqdm.write(f"[{i + 1}/{len(todo)}] {method}, seed {seed}")
+            tqdm.write(f"[{i + 1}/{len(todo)}] {method}, seed {seed}"
+                       + (f", through a {cfg.access} API" if black_box else ""))
         try:
-            report = distill(dcfg, resume=(run_dir / "config.yaml").exists(), progress=progress,
-                             command=command)
+            with (served(teacher, cfg.access, run_dir / "serve.log") if black_box
+                  else contextlib.nullcontext()) as url:
+                if url:
+                    dcfg = dataclasses.replace(dcfg, teacher=TeacherArgs(path=url),
+                                               query_budget=cfg.query_budget)
+                report = distill(dcfg, resume=(run_dir / "config.yaml").exists(),
+                                 progress=progress, command=command)
             record = _record(report, method, run_dir)
         except DfkdError as e:
             record = {"method": method, "seed": seed, "error": str(e)}
@@ -280,7 +297,8 @@ def _load_records(out: Path) -> list[dict]:
 
 def _record(report: dict, entry: str, run_dir: Path) -> dict:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("student_acc") is not None]
-    curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc")} for r in evals]
+    curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc", "queries") if k in r}
+             for r in evals]
     cls = method_class(parse_entry(entry)[0])
     return {**report, "method": entry, "family": cls.family,
             "uses_real_data": cls.uses_real_data, "run_dir": str(run_dir), "curve": curve}
@@ -321,7 +339,8 @@ def summarize(records: list[dict]) -> list[dict]:
                "uses_real_data": bool(ok and ok[0].get("uses_real_data")),
                "family": ok[0]["family"] if ok else None}
         for key in ("student_acc", "gap", "agreement", "teacher_acc", "synthesis_seconds",
-                    "train_seconds", "teacher_passes", "steps", "student_asr", "teacher_asr"):
+                    "train_seconds", "teacher_passes", "steps", "student_asr", "teacher_asr",
+                    "queries"):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = _mean_std(values) if values else None
         rows.append(row)
@@ -345,11 +364,17 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
     if command:
         lines += [f"Command: `{command}`", ""]
     columns = ["method", "student acc", "gap to kd_real", "agreement", "teacher acc",
-               *(["student ASR", "teacher ASR"] if cfg.poison else []), "synthesis s",
+               *(["student ASR", "teacher ASR"] if cfg.poison else []),
+               *(["queries"] if cfg.access else []), "synthesis s",
                "train s", "teacher passes", "steps", "runs"]
     poisoned = (f" Every teacher carries the backdoor `{cfg.poison}`; ASR = the share of test "
                 "images of other classes that its trigger sends to the target class (evaluation "
                 "only)." if cfg.poison else "")
+    poisoned += (f" Rows with queries distilled from the suite teacher behind `dfkd serve` "
+                 f"({cfg.access} access"
+                 + (f", at most {cfg.query_budget} queries each" if cfg.query_budget else "")
+                 + "); queries = images sent to it; (white box) rows ran on its weights."
+                 if cfg.access else "")
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
               "data; every other row is data-free." + poisoned, "",
@@ -360,7 +385,10 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
             lines.append(f"| {row['method']} | failed: {row['error']}{blanks} 0 |")
             continue
         name = f"{row['method']} (real data)" if row["uses_real_data"] else row["method"]
+        if cfg.access and not row["uses_real_data"] and row["queries"] is None:
+            name += " (white box)"
         asr = [_pm(row["student_asr"], 100), _pm(row["teacher_asr"], 100)] if cfg.poison else []
+        asr += [_passes(row["queries"])] if cfg.access else []
         lines.append("| " + " | ".join([
             name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
             _pm(row["teacher_acc"], 100), *asr, _pm(row["synthesis_seconds"], 1, 1),
@@ -388,6 +416,9 @@ def write_outputs(records, cfg, suite, machine, out: Path, command: str) -> None
     save_comparison(records, "seconds", out / "curves.png", "wall time in budget (s)", title)
     save_comparison(records, "teacher_passes", out / "passes.png",
                     "teacher image passes (forward or forward+backward)", title, log_x=True)
+    if cfg.access:
+        save_comparison(records, "queries", out / "queries.png",
+                        f"queries to the teacher API ({cfg.access} access)", title)
 
 
 def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, title: str,
@@ -402,7 +433,7 @@ def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, titl
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in summarize(records):
         curves = [r["curve"] for r in records if r["method"] == row["method"] and r.get("curve")]
-        curves = [[p for p in c if not log_x or p[key] > 0] for c in curves]
+        curves = [[p for p in c if key in p and (not log_x or p[key] > 0)] for c in curves]
         curves = [c for c in curves if c]
         if not curves:
             continue

@@ -210,6 +210,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                   "student_acc": result.get("acc"), "agreement": result.get("agreement")}
         if "asr" in result:
             record["student_asr"] = result["asr"]
+        if black_box:
+            record["queries"] = teacher.paid["train"]
         append_jsonl(metrics_path, record)
         if result:
             bar.set_postfix(acc=f"{result['acc']:.3f}", refresh=False)
