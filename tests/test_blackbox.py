@@ -252,6 +252,32 @@ def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     assert reopened.path.stat().st_size == len(data) // 2
 
 
+def test_several_apis_answer_as_one_teacher_and_each_is_metered(model, tmp_path):
+    from dfkd.models.classifier import new_classifier
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        other = new_classifier("digits_cnn_quarter", model.spec).eval()
+    apis = [Counting(model), Counting(other)]
+    teacher = BlackBoxTeacher(apis, query_budget=30)
+    teacher.open_log(tmp_path)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        mean = (model(x).softmax(1) + other(x).softmax(1)) / 2
+    assert torch.allclose(teacher(x).softmax(1), mean, atol=1e-5)
+    assert teacher.paid["train"] == 12 and [a.sent for a in apis] == [[6], [6]]
+    assert teacher.report()["teacher_apis"] == 2
+    with pytest.raises(QueryBudgetSpent, match="the next request asks 24"):
+        teacher(torch.rand(12, 1, 8, 8))
+    again = BlackBoxTeacher([Counting(model), Counting(other)])
+    again.open_log(tmp_path)
+    assert torch.equal(again(x), teacher(x)) and again.replayed == 12
+    with pytest.raises(DfkdError, match="same input and answer the same way"):
+        BlackBoxTeacher([LocalAPI(model), LocalAPI(model, access="top1")])
+    with pytest.raises(DfkdError, match="came from one that answers"):
+        BlackBoxTeacher(LocalAPI(model)).open_log(tmp_path)  # one API where there were two
+
+
 # ---- DFME --------------------------------------------------------------------------------------
 
 def test_the_forward_difference_estimate_points_along_the_true_gradient():

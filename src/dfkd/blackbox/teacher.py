@@ -127,32 +127,39 @@ def _reason(response) -> str:
 
 
 class BlackBoxTeacher(nn.Module):
-    """The engine's view of an API: `forward` takes [0, 1] pixels and returns recovered logits.
+    """The engine's view of one API, or of several as one teacher: `forward` takes [0, 1]
+    pixels and returns recovered logits of the mean of the APIs' probabilities (for top-1 APIs:
+    the share of votes), the building block of distilling many black boxes into one student
+    (BiDf-MKD). Each image sent to each API is one query.
 
     The spec's mean and std are 0.5: methods that work in a normalized input space (noise,
     generators) then work in [-1, 1], the teacher's own normalization being invisible."""
 
     arch = "black-box"
 
-    def __init__(self, api, query_budget: int = 0):
+    def __init__(self, apis, query_budget: int = 0):
         super().__init__()
-        info = api.info()
-        try:
-            shape, k = tuple(int(s) for s in info["input_shape"]), int(info["num_classes"])
-            self.access, self.max_batch = str(info["access"]), int(info["max_batch"])
-            self.topk = info.get("topk")
-        except (KeyError, TypeError, ValueError):
-            raise DfkdError(f"the teacher API at {api.url} gave no usable /v1/info") from None
+        self.apis = list(apis) if isinstance(apis, (list, tuple)) else [apis]
+        infos = [_read_info(api) for api in self.apis]
+        first = infos[0]
+        for api, info in zip(self.apis[1:], infos[1:], strict=True):
+            if info["identity"] != first["identity"]:
+                raise DfkdError(f"the APIs of one teacher must take the same input and answer "
+                                f"the same way: {self.apis[0].url} answers "
+                                f"{first['identity']}, {api.url} {info['identity']}")
+        shape, k = tuple(first["identity"]["input_shape"]), first["identity"]["num_classes"]
+        self.access, self.topk = first["identity"]["access"], first["identity"]["topk"]
+        self.max_batch = min(info["max_batch"] for info in infos)
         c = shape[0]
-        self.spec = InputSpec(shape, (0.5,) * c, (0.5,) * c, k, info.get("dataset"))
+        self.spec = InputSpec(shape, (0.5,) * c, (0.5,) * c, k, first["dataset"])
         self.register_buffer("mean", torch.full((1, c, 1, 1), 0.5), persistent=False)
         self.register_buffer("std", torch.full((1, c, 1, 1), 0.5), persistent=False)
-        self.api, self.url, self.budget = api, api.url, query_budget
+        self.url, self.budget = ",".join(api.url for api in self.apis), query_budget
         self.calls = dict.fromkeys(STREAMS, 0)  # requests asked per stream (log positions)
-        self.paid = dict.fromkeys(STREAMS, 0)  # images the API answered per stream
+        self.paid = dict.fromkeys(STREAMS, 0)  # images the APIs answered per stream
         self.replayed = 0  # images answered from the log
         self.stream = "train"
-        self.logs: dict[str, QueryLog] = {}
+        self.logs: dict[tuple[str, int], QueryLog] = {}  # (stream, API) -> its log
 
     @property
     def net(self):
@@ -165,8 +172,9 @@ class BlackBoxTeacher(nn.Module):
         return z * self.std + self.mean
 
     def open_log(self, folder) -> None:
-        """Keep paid answers in `folder`; an API that answers otherwise than the one the log
-        came from (another input, class count or access level) is refused."""
+        """Keep paid answers in `folder`, one log per stream and API; APIs that answer otherwise
+        than those the log came from (other inputs, classes, access level or number) are
+        refused."""
         folder.mkdir(parents=True, exist_ok=True)
         seen, path = self.identity(), folder / "api.json"
         if path.exists() and json.loads(path.read_text()) != seen:
@@ -174,8 +182,9 @@ class BlackBoxTeacher(nn.Module):
                             f"from one that answers {path.read_text()}; resume against that one")
         write_json(path, seen)
         for s in STREAMS:
-            self.logs[s] = QueryLog(folder, s)
-            self.paid[s] = self.logs[s].paid
+            for i in range(len(self.apis)):
+                self.logs[s, i] = QueryLog(folder, s if i == 0 else f"{s}-{i}")
+            self.paid[s] = sum(self.logs[s, i].paid for i in range(len(self.apis)))
 
     @contextlib.contextmanager
     def metered(self, stream: str):
@@ -193,50 +202,71 @@ class BlackBoxTeacher(nn.Module):
         return recovered_logits(probs).to(self.mean.device)
 
     def _ask(self, x: torch.Tensor) -> torch.Tensor:
+        """One request to every API (or its log), at the stream's next position."""
         s, n = self.stream, len(x)
-        position, dig, log = self.calls[s], digest(x), self.logs.get(s)
-        logged = log.get(position, dig) if log else None
-        if logged is not None:
-            self.calls[s] += 1
-            self.replayed += n
-            return logged
-        if s == "train" and self.budget and self.paid[s] + n > self.budget:
+        position, dig = self.calls[s], digest(x)
+        logged = [log.get(position, dig) if (log := self.logs.get((s, i))) else None
+                  for i in range(len(self.apis))]
+        cost = n * sum(answer is None for answer in logged)
+        if s == "train" and self.budget and cost and self.paid[s] + cost > self.budget:
             raise QueryBudgetSpent(f"{self.paid[s]} of {self.budget} queries spent; the next "
-                                   f"request asks {n}")
-        ans = self.api.predict(x)
-        try:
-            probs = answer_probs(ans, self.access, self.spec.num_classes, n)
-        except (KeyError, TypeError, ValueError) as e:
-            raise TeacherUnavailable(f"the teacher API at {self.url} answered a malformed "
-                                     f"batch: {e}") from None
+                                   f"request asks {cost}")
+        answers = []
+        for i, (api, answer_) in enumerate(zip(self.apis, logged, strict=True)):
+            if answer_ is None:
+                answer_ = self._paid_answer(api, x)
+                self.paid[s] += n
+                if (s, i) in self.logs:
+                    self.logs[s, i].append(position, dig, answer_)
+            else:
+                self.replayed += n
+            answers.append(answer_)
         self.calls[s] += 1
-        self.paid[s] += n
-        if log:
-            log.append(position, dig, probs)
-        return probs
+        return torch.stack(answers).mean(0)
+
+    def _paid_answer(self, api, x: torch.Tensor) -> torch.Tensor:
+        ans = api.predict(x)
+        try:
+            return answer_probs(ans, self.access, self.spec.num_classes, len(x))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TeacherUnavailable(f"the teacher API at {api.url} answered a malformed "
+                                     f"batch: {e}") from None
 
     def identity(self) -> dict:
         return {"input_shape": list(self.spec.shape), "num_classes": self.spec.num_classes,
-                "access": self.access, "topk": self.topk}
+                "access": self.access, "topk": self.topk, "apis": len(self.apis)}
 
     def query_state(self) -> dict:
         return {"calls": self.calls["train"], "paid": self.paid["train"]}
 
     def load_query_state(self, state: dict) -> None:
         """Back to a checkpoint: its position in the train stream; what was paid comes from the
-        log when there is one (it holds what the checkpoint could not know)."""
+        logs when there are some (they hold what the checkpoint could not know)."""
         self.calls["train"] = int(state["calls"])
-        if "train" not in self.logs:
+        if not self.logs:
             self.paid["train"] = int(state["paid"])
 
     def report(self) -> dict:
-        return {"teacher_access": self.access, "queries": self.paid["train"],
-                "query_budget": self.budget or None, "eval_queries": self.paid["eval"],
-                "replayed_queries": self.replayed}
+        return {"teacher_access": self.access, "teacher_apis": len(self.apis),
+                "queries": self.paid["train"], "query_budget": self.budget or None,
+                "eval_queries": self.paid["eval"], "replayed_queries": self.replayed}
 
 
-def connect(url: str) -> BlackBoxTeacher:
-    return BlackBoxTeacher(HttpAPI(url))
+def _read_info(api) -> dict:
+    info = api.info()
+    try:
+        identity = {"input_shape": [int(s) for s in info["input_shape"]],
+                    "num_classes": int(info["num_classes"]), "access": str(info["access"]),
+                    "topk": info.get("topk")}
+        return {"identity": identity, "max_batch": int(info["max_batch"]),
+                "dataset": info.get("dataset")}
+    except (KeyError, TypeError, ValueError):
+        raise DfkdError(f"the teacher API at {api.url} gave no usable /v1/info") from None
+
+
+def connect(urls: str) -> BlackBoxTeacher:
+    """The teacher behind one URL, or behind several (comma-separated) as one."""
+    return BlackBoxTeacher([HttpAPI(url.strip()) for url in urls.split(",") if url.strip()])
 
 
 @contextlib.contextmanager
