@@ -395,3 +395,55 @@ def test_a_run_resumes_against_the_api_at_a_new_address_but_not_another_api(api_
     with serving(create_app(model, "topk")) as other, \
             pytest.raises(DfkdError, match="came from one that answers"):
         distill(_cfg(other, tmp_path / "r", budget="4steps"), resume=True, progress=False)
+
+
+# ---- DB3KD -------------------------------------------------------------------------------------
+
+class Brightness(torch.nn.Module):
+    """Class 1 where the mean pixel passes 0.5, else class 0: a boundary known exactly."""
+
+    def forward(self, z):
+        m = (z.flatten(1).mean(1) - 0.5) * 100
+        return torch.stack([torch.zeros_like(m), m], dim=1)
+
+
+def _brightness_teacher():
+    from dfkd.models.classifier import Classifier, InputSpec
+
+    return Classifier(Brightness(), InputSpec((1, 8, 8), (0.0,), (1.0,), 2), "brightness")
+
+
+def test_boundary_logits_follow_the_reference_formula():
+    from dfkd.synthesis.db3kd import boundary_logits
+
+    d = torch.tensor([[7.0, 2.0, 4.0], [1.0, float("inf"), 0.5]])
+    logits = boundary_logits(d, torch.tensor([0, 1]))
+    assert torch.allclose(logits, torch.tensor([[0.75, 0.5, 0.25], [1.0, 3.0, 2.0]]))
+
+
+def test_db3kd_finds_a_known_boundary_and_labels_by_decisions_alone():
+    from dfkd.synthesis.db3kd import DB3KD
+
+    teacher = BlackBoxTeacher(LocalAPI(_brightness_teacher(), access="top1"))
+    synth = DB3KD(teacher, DB3KD.Options(bisections=12), seed=0)
+    x = torch.full((1, 1, 8, 8), 0.25)
+    theta = torch.full((1, 1, 8, 8), 1 / 8)  # unit norm; the mean rises 1/8 per unit
+    assert abs(synth.first_flip(x, torch.tensor([0]), theta).item() - 2.0) < 4 * 2**-12
+    assert synth.first_flip(x, torch.tensor([0]), -theta).isinf().all()  # never brighter
+    # the segment to an anchor of class 1 crosses the boundary at mean 0.5
+    pair = torch.cat([x, torch.full((1, 1, 8, 8), 0.75)])
+    d = synth.class_distances(pair, torch.tensor([0, 1]))
+    assert abs(d[0, 1].item() - 2.0) < 0.01 and abs(d[1, 0].item() - 2.0) < 0.01
+    moved = synth.move_away(torch.full((1, 1, 8, 8), 0.45), torch.tensor([0]),
+                            torch.Generator().manual_seed(0))
+    assert moved.mean() < 0.45  # away from the boundary, still class 0
+
+
+def test_db3kd_distills_from_a_top1_api(model, tmp_path):
+    with serving(create_app(model, "top1")) as url:
+        r = distill(_cfg(url, tmp_path / "d", method="db3kd", budget="20steps",
+                         method_options={"batch_size": 20, "moves": 1, "directions": 2,
+                                         "anchors": 2, "bisections": 3}), progress=False)
+    assert r["teacher_access"] == "top1" and r["queries"] > 0 and r["samples"] >= 20
+    # no gradients to time: the fixed schedule, and no relabelled augmentations
+    assert r["plan"]["schedule"] == "fixed" and r["plan"]["steps_per_round"] == 200

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dfkd.blackbox.teacher import is_black_box
 from dfkd.config import FIXED_STEPS_PER_ROUND, Budget, DistillConfig
 from dfkd.engine.plan import (
     SYNTHESIS_SHARE,
@@ -162,7 +163,7 @@ def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier
     own round, FIXED_STEPS_PER_ROUND student steps apart."""
     size_key, steps_key = synth.round_options
     batch, steps = getattr(synth.opts, size_key), getattr(synth.opts, steps_key)
-    if cfg.schedule == "fixed":
+    if cfg.schedule == "fixed" or is_black_box(teacher):  # no gradients to time on a black box
         spr = cfg.steps_per_round or FIXED_STEPS_PER_ROUND
         return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none")
     timed = budget.seconds is not None

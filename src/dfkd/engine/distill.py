@@ -124,7 +124,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         method, family = cfg.method, synth.family
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
-        source = method_source(synth, out, cfg.augment, lambda: accel.autocast(device))
+        # augmented copies are relabelled by the teacher: not for targets it did not give,
+        # nor at a query apiece from a black box
+        relabel = synth.targets_are_teacher_logits and not black_box
+        source = method_source(synth, out, cfg.augment if relabel else "none",
+                               lambda: accel.autocast(device))
     if black_box:
         check_black_box(cfg, synth)
     start = start_student(student.net, None if black_box else teacher.net,
@@ -392,7 +396,9 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         report.update(trigger=evaluator.trigger.spec(), teacher_asr=t["asr"],
                       student_asr=final["asr"])
     if state.plan:
-        report["plan"] = {**state.plan, "schedule": cfg.schedule, "costs": state.costs}
+        fixed = state.costs.get("unit") == "none"  # asked for, or a black box's fallback
+        report["plan"] = {**state.plan, "schedule": "fixed" if fixed else cfg.schedule,
+                          "costs": state.costs}
     for part in parts:
         if part is not None:
             report.update(part.report())

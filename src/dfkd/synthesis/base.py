@@ -35,6 +35,9 @@ class Synthesizer:
     temperature: ClassVar[float] = 4.0  # KD temperature the method's student uses by default
     student_loss: ClassVar[str] = "kd"  # the student's loss by default (e.g. l1 for DFAD)
     uses_real_data: ClassVar[bool] = False  # True only for the benchmark anchors
+    targets_are_teacher_logits: ClassVar[bool] = True  # a batch's target_logits are the
+    # teacher's outputs on its x, so the engine may relabel augmented copies by the teacher;
+    # False for soft targets made otherwise (DB3KD's, from decision-boundary distances)
     student_sees_teacher: ClassVar[bool] = True  # False: the student may not start from the
     # teacher's weights either (scratch_real, the no-teacher anchor, ignores --student-init)
     black_box: ClassVar[tuple[str, ...]] = ()  # the API access levels (dfkd.blackbox.wire) it
