@@ -373,7 +373,7 @@ def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, mo
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"method": "deepinv"}, "methods that can use it: dfme, noise"),
+    ({"method": "deepinv"}, "methods that can use it: db3kd, dfme, noise"),
     ({"student": ""}, "give --student NAME"),
     ({"loss": "at"}, "reads the teacher's layers"),
     ({"defense": "abd"}, "--defense abd needs the teacher's weights"),
