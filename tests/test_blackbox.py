@@ -447,3 +447,39 @@ def test_db3kd_distills_from_a_top1_api(model, tmp_path):
     assert r["teacher_access"] == "top1" and r["queries"] > 0 and r["samples"] >= 20
     # no gradients to time: the fixed schedule, and no relabelled augmentations
     assert r["plan"]["schedule"] == "fixed" and r["plan"]["steps_per_round"] == 200
+
+
+def test_synthesize_from_a_top1_api_resumes_without_paying_twice(model, tmp_path, monkeypatch):
+    from dfkd.commands.synthesize import SynthesizeConfig, synthesize_set
+    from dfkd.synthesis.transfer_set import TransferSet
+
+    opts = {"batch_size": 10, "moves": 1, "directions": 2, "anchors": 2, "bisections": 3}
+    with serving(create_app(model, "top1")) as url:
+        def cfg(out, **kw):
+            return SynthesizeConfig(teacher=TeacherArgs(path=url), method="db3kd",
+                                    method_options=opts, num=30, out=str(tmp_path / out),
+                                    device="cpu", **kw)
+
+        full = synthesize_set(cfg("full"), progress=False)
+
+        class Killed(BaseException):
+            pass
+
+        original = TransferSet.append
+
+        def append_then_die(self, batch):  # the third round is paid for, then the run dies
+            if len(self.parts) == 2:
+                raise Killed
+            original(self, batch)
+
+        monkeypatch.setattr(TransferSet, "append", append_then_die)
+        with pytest.raises(Killed):
+            synthesize_set(cfg("killed"), progress=False)
+        monkeypatch.undo()
+        resumed = synthesize_set(cfg("killed"), resume=True, progress=False)
+        short = synthesize_set(cfg("short", query_budget=full["queries"] // 2), progress=False)
+    assert resumed["queries"] == full["queries"] and resumed["replayed_queries"] > 0
+    a = TransferSet.open(tmp_path / "full").tensors()
+    b = TransferSet.open(tmp_path / "killed").tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert short["queries"] <= full["queries"] // 2 and short["samples"] < 30

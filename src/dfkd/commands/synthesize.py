@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
+from dfkd.blackbox.teacher import QueryBudgetSpent, is_black_box
 from dfkd.config import PRECISIONS, TEACHER_SOURCE, TeacherArgs, option, prepare_run_dir
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
@@ -33,6 +34,9 @@ class SynthesizeConfig:
     precision: str = option("fp32", "bf16: synthesis under autocast (GPU)", choices=PRECISIONS)
     channels_last: bool = option(False, "run the teacher in channels_last memory format (GPU)")
     compile: bool = option(False, "run the teacher through torch.compile")
+    query_budget: int = option(0, "black-box teachers: images that may be sent to the API (0: "
+                               "no limit); the set ends with its last round that fitted",
+                               metavar="N")
 
 
 def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: bool = True,
@@ -42,7 +46,9 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
-    accel.prepare(teacher)  # after the method has found its layers by their plain module paths
+    black_box = is_black_box(teacher)
+    if not black_box:
+        accel.prepare(teacher)  # after the method has found its layers by their module paths
     if synth.family != "transfer_set":
         raise DfkdError(f"method '{cfg.method}' is an online (generator) method and keeps no "
                         "transfer set; use `dfkd distill` with it")
@@ -50,19 +56,28 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     tset = TransferSet.open(out)
     meta = tset.read_meta()
     synth.teacher_passes, seconds = meta.get("teacher_passes", 0), meta.get("seconds", 0.0)
+    if black_box:  # paid answers kept beside the set; a resumed round replays them for free
+        teacher.budget = cfg.query_budget
+        teacher.open_log(out / "queries")
+        teacher.load_query_state(meta.get("queries_state", {"calls": 0, "paid": 0}))
     bar = tqdm(total=cfg.num, initial=len(tset), desc=f"synthesize {cfg.method}", unit="img",
                disable=not progress)
     while len(tset) < cfg.num:
         t0 = time.perf_counter()
-        with accel.autocast(device):
-            batch = synth.synthesize(None, len(tset.parts))
+        try:
+            with accel.autocast(device):
+                batch = synth.synthesize(None, len(tset.parts))
+        except QueryBudgetSpent:
+            break  # the set ends with its last finished round
         tset.append(batch)
         seconds += time.perf_counter() - t0
         meta = {"method": cfg.method, "teacher": str(cfg.teacher.path), "seed": cfg.seed,
                 "spec": teacher.spec.to_json(), "samples": len(tset), "parts": len(tset.parts),
                 "teacher_passes": synth.teacher_passes, "seconds": round(seconds, 3),
                 "accel": accel.label,
-                "method_options": dict(vars(synth.opts))}
+                "method_options": dict(vars(synth.opts)),
+                **({**teacher.report(), "queries_state": teacher.query_state()}
+                   if black_box else {})}
         tset.write_meta(meta)
         bar.update(batch["x"].shape[0])
     bar.close()
