@@ -23,14 +23,13 @@ def _error(capsys, *argv) -> str:
 def test_methods_and_models_are_listed(capsys):
     out = _ok(capsys, "methods")
     assert "deepinv" in out and "transfer_set" in out and "noise" in out and "online" in out
-    marked = [line.split()[0] for line in out.splitlines() if line.split()[:1] and
-              line.split()[0].endswith("*")]
-    assert marked == [f"{DistillConfig.method}*"]  # the one default, marked
+    assert out.splitlines()[0].split()[:2] == [DistillConfig.method, "default"]  # its rule
+    assert "MFLOPs per image" in out.splitlines()[0]
     assert "lra" in out and "update" in out
     table = _ok(capsys, "methods", "--markdown").splitlines()
     assert table[0] == "| method | family | what it does |"
-    assert [r for r in table if "(default)" in r] == [
-        next(r for r in table if r.startswith(f"| `{DistillConfig.method}`"))]
+    assert [r for r in table if "(default)" in r] == [table[2]]
+    assert table[2].startswith(f"| `{DistillConfig.method}` (default) | chosen from the teacher")
     out = _ok(capsys, "models")
     assert "lenet5_half" in out and "generator_32" in out
 

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from dfkd.config import DistillConfig
+from dfkd.engine.method_choice import RULE
 from dfkd.synthesis import methods_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_readme_method_table_is_the_registry():
     table = re.search(r"<!-- methods table:[^\n]*-->\n(.*?)<!-- end of methods table -->",
                       README, re.S)
     assert table, "the README lost its methods-table markers"
-    assert table.group(1) == methods_markdown(DistillConfig.method), \
+    assert table.group(1) == methods_markdown(RULE), \
         "README method table is stale: paste `dfkd methods --markdown` between its markers"
 
 

@@ -217,19 +217,20 @@ def run(argv: list[str]) -> int:
 
         quickstart(args.out, args.budget, args.seed, progress, args.teacher_epochs)
     elif args.command == "methods":
-        from dfkd.config import DistillConfig
+        from dfkd.engine.method_choice import RULE
         from dfkd.student.update import LRA
         from dfkd.synthesis import list_methods, method_class, methods_markdown
 
         if args.markdown:
-            print(methods_markdown(DistillConfig.method), end="")
+            print(methods_markdown(RULE), end="")
             return 0
+        print(f"{'auto':<13} {'default':<13} {RULE}")
         for name, doc in list_methods(anchors=True).items():
-            mark = "*" if name == DistillConfig.method else " "
-            print(f"{name + mark:<13} {method_class(name).family:<13} {doc}")
+            print(f"{name:<13} {method_class(name).family:<13} {doc}")
         print(f"{LRA.name:<13} {'update':<13} {LRA.__doc__.splitlines()[0]} For any online "
               f"method: --update {LRA.name} (bench: METHOD+{LRA.name}).")
-        print("\n(*: the default of `dfkd distill`; `dfkd bench --methods default` selects it)")
+        print("\n(auto is the default of `dfkd distill`; `dfkd bench --methods default` selects "
+              "the method it chooses for the suite's teacher)")
     elif args.command == "models":
         from dfkd.models import list_families, list_models
 

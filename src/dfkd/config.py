@@ -112,7 +112,8 @@ class DistillConfig:
     """Everything `dfkd distill` needs; config.yaml is this dataclass."""
 
     teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {TEACHER_SOURCE}")
-    method: str = option("deepinv", "synthesis method (see `dfkd methods`)")
+    method: str = option("auto", "synthesis method (see `dfkd methods`); auto: chosen from the "
+                         "teacher by its inversion cost (dfkd.engine.method_choice)")
     method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
                                   "--set steps=500 (repeatable)")
     student: str = option("", "zoo name or package.module:factory (default: the usual student "

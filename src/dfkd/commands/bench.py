@@ -39,15 +39,16 @@ from dfkd.config import (
     to_dict,
 )
 from dfkd.engine.distill import distill
+from dfkd.engine.method_choice import choose_method
 from dfkd.errors import DfkdError
 from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
+from dfkd.models.classifier import Classifier, InputSpec, build_net, default_input_shape
 from dfkd.student.start import check_start
 from dfkd.student.update import online_methods
 from dfkd.synthesis import list_methods, method_class
 
 ANCHORS = ("kd_real", "scratch_real")
-DEFAULT_METHOD = DistillConfig.method
 LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the paper's base
 
 
@@ -138,16 +139,27 @@ def parse_entry(entry: str) -> tuple[str, dict, str, str]:
             "abd" if "abd" in suffixes else "none")
 
 
-def resolve_methods(spec: str) -> list[str]:
+def suite_default(suite: Suite) -> str:
+    """The method `--method auto` chooses for the suite's teacher (its architecture decides,
+    so an untrained copy does; dfkd.engine.method_choice)."""
+    shape = default_input_shape(suite.teacher)
+    with torch.random.fork_rng(devices=[]):
+        net = build_net(suite.teacher, 10, shape)
+    spec = InputSpec(shape, (0.5,), (0.5,), 10)
+    return choose_method(Classifier(net, spec, suite.teacher).eval().requires_grad_(False))[0]
+
+
+def resolve_methods(spec: str, default: str = "") -> list[str]:
     """The anchors first, then the requested data-free methods (validated names); an entry
-    may carry its own options, NAME[key=value;...]."""
+    may carry its own options, NAME[key=value;...]; `default` stands for the method `auto`
+    chooses for the suite."""
     names: list[str] = []
     for token in [t.strip() for t in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec)
                   if t.strip()]:
         if token == "all":
             names += [*list_methods(), LRA_ENTRY]
         elif token == "default":
-            names.append(DEFAULT_METHOD)
+            names.append(default)
         else:
             parse_entry(token)
             names.append(token)
@@ -220,7 +232,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
         raise DfkdError(f"--seeds must be at least 1, got {cfg.seeds}")
     # before any run: a missing published file is one line, not one failed record per run
     published = published_teacher(cfg, suite) if suite.published else None
-    methods = resolve_methods(cfg.methods)
+    methods = resolve_methods(cfg.methods, suite_default(suite) if "default" in cfg.methods
+                              else "")
     out = Path(cfg.out)
     _check_same_settings(cfg, out)
     machine = machine_info()

@@ -29,6 +29,7 @@ from dfkd.checkpoint import load_checkpoint, save_checkpoint
 from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
+from dfkd.engine.method_choice import AUTO, choose_method
 from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, model_asr, predict_logits
@@ -112,6 +113,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     student_arch = cfg.student or default_student(teacher.arch)
     student = new_classifier(student_arch, teacher.spec).to(device)
 
+    choice = None  # why --method auto chose the method it did
     if cfg.transfer_set:
         tset = TransferSet.open(cfg.transfer_set)
         if len(tset) == 0:
@@ -120,8 +122,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         synth, family, temperature = None, "stored", cfg.temperature or 4.0
         source = StoredSet(tset, cfg.augment)
     else:
-        synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
-        method, family = cfg.method, synth.family
+        method, choice = choose_method(teacher) if cfg.method == AUTO else (cfg.method, None)
+        if choice and progress:
+            tqdm.write(f"--method auto: {method} ({choice})")
+        synth = create_synthesizer(method, teacher, cfg.method_options, cfg.seed)
+        family = synth.family
         temperature = cfg.temperature or synth.temperature
         synth.temperature = temperature  # --temperature reaches the method's own losses too
         # augmented copies are relabelled by the teacher: not for targets it did not give,
@@ -302,6 +307,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                           state, passes(), source, synth, device, base_lr, start,
                           parts=(crit, synth, update, defense, teacher if black_box else None))
     report["ended_by"] = ended_by
+    if choice:
+        report["method_choice"] = choice
     write_report(report, out)
     if source.last_x is not None:
         save_samples(source.last_x, out / "samples.png", f"{method}: synthesized inputs",

@@ -112,7 +112,7 @@ def _student_step(student, teacher, x: torch.Tensor) -> None:
     kd_loss(student(x), target, 4.0).backward()
 
 
-def _inversion_step(teacher, x: torch.Tensor) -> None:
+def inversion_step(teacher, x: torch.Tensor) -> None:
     x = x.clone().requires_grad_(True)
     teacher.net(teacher.normalize(x)).logsumexp(1).sum().backward()
 
@@ -129,11 +129,11 @@ def measure_costs(teacher, student, batch_size: int, *, timed: bool, probe_batch
         x_inv = torch.rand(probe_batch, *teacher.spec.shape, device=device)
         x_step = torch.rand(batch_size, *teacher.spec.shape, device=device)
         if timed:
-            inv = _median_seconds(lambda: _inversion_step(teacher, x_inv), device) / probe_batch
+            inv = _median_seconds(lambda: inversion_step(teacher, x_inv), device) / probe_batch
             step = _median_seconds(lambda: _student_step(student, teacher, x_step), device)
             return Costs(inv, step, "s")
-        return Costs(_flops(lambda: _inversion_step(teacher, x_inv)) / probe_batch,
-                     _flops(lambda: _student_step(student, teacher, x_step)), "flop")
+        return Costs(count_flops(lambda: inversion_step(teacher, x_inv)) / probe_batch,
+                     count_flops(lambda: _student_step(student, teacher, x_step)), "flop")
     finally:
         torch.set_rng_state(rng_state)
 
@@ -150,7 +150,7 @@ def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _flops(fn) -> float:
+def count_flops(fn) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         fn()

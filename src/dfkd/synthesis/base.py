@@ -195,14 +195,15 @@ def list_methods(anchors: bool = False) -> dict[str, str]:
             if anchors or not c.uses_real_data}
 
 
-def methods_markdown(default: str) -> str:
-    """The README's table of methods, built from the registry: every method and anchor."""
-    rows = ["| method | family | what it does |", "|---|---|---|"]
+def methods_markdown(auto_rule: str) -> str:
+    """The README's table of methods, built from the registry: `auto`, the default, by its rule,
+    then every method and anchor."""
+    rows = ["| method | family | what it does |", "|---|---|---|",
+            f"| `auto` (default) | chosen from the teacher | {auto_rule} |"]
     for name, doc in list_methods(anchors=True).items():
         cls = _METHODS[name]
         family = "anchor (real data)" if cls.uses_real_data else cls.family.replace("_", " ")
-        mark = " (default)" if name == default else ""
-        rows.append(f"| `{name}`{mark} | {family} | {doc} |")
+        rows.append(f"| `{name}` | {family} | {doc} |")
     return "\n".join(rows) + "\n"
 
 

@@ -1,0 +1,42 @@
+"""`--method auto`, the default: the method chosen from the teacher by a documented rule, never
+from a suite's name.
+
+The rule follows what a CPU budget buys (BENCHMARKS.md, "The default: one rule for every
+suite"). Where one inversion step of the teacher is cheap (at most CHEAP_INVERSION_FLOPS per
+image, forward and backward to the input: LeNet-5, the MNIST MLP and the digits CNN all are),
+per-sample inversion (deepinv) spends the budget on many well-matched samples and gives the best
+student; where it is dear (the CIFAR ResNets), amortized synthesis (nayer) is far ahead. The cost
+is counted in FLOPs on the teacher's own input, not timed, so the choice is the same on every
+machine and at every budget. A teacher behind an API has no FLOPs to count and no gradients:
+dfme where it answers with probabilities, db3kd where it gives decisions only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dfkd.engine.plan import count_flops, inversion_step
+
+AUTO = "auto"
+CHEAP_INVERSION_FLOPS = 50e6  # per image; the suites' teachers: 2-11 MFLOPs (cheap), 162+ dear
+CHEAP, DEAR = "deepinv", "nayer"
+RULE = (f"{CHEAP} for a teacher whose inversion step costs at most "
+        f"{CHEAP_INVERSION_FLOPS / 1e6:.0f} MFLOPs per image, {DEAR} above; dfme for a black-box "
+        "API with probabilities, db3kd for one with decisions only")
+
+
+def inversion_flops(teacher) -> float:
+    """FLOPs of one inversion step (forward and backward to the input) per image."""
+    x = torch.zeros(2, *teacher.spec.shape, device=teacher.mean.device)
+    return count_flops(lambda: inversion_step(teacher, x)) / 2
+
+
+def choose_method(teacher) -> tuple[str, str]:
+    """The method `auto` stands for with this teacher, and why (one line for the report)."""
+    access = getattr(teacher, "access", None)
+    if access:
+        method = "dfme" if access in ("soft", "topk") else "db3kd"
+        return method, f"a black-box API with {access} access"
+    flops = inversion_flops(teacher)
+    method = CHEAP if flops <= CHEAP_INVERSION_FLOPS else DEAR
+    return method, f"an inversion step costs {flops / 1e6:.1f} MFLOPs per image"

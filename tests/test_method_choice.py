@@ -1,0 +1,48 @@
+"""`--method auto`: the method chosen from the teacher by its inversion cost, or by its API."""
+
+import torch
+
+from dfkd.blackbox.teacher import BlackBoxTeacher, LocalAPI
+from dfkd.commands.bench import resolve_methods, suite_default
+from dfkd.commands.suites import SUITES
+from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.engine.distill import distill
+from dfkd.engine.method_choice import CHEAP_INVERSION_FLOPS, choose_method, inversion_flops
+from dfkd.models.classifier import InputSpec, load_classifier, new_classifier
+
+
+def test_a_cheap_teacher_gets_deepinv_a_dear_one_nayer_an_api_its_own(digits_teacher):
+    teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
+    method, why = choose_method(teacher)
+    assert method == "deepinv" and "MFLOPs per image" in why
+    assert inversion_flops(teacher) < CHEAP_INVERSION_FLOPS
+    with torch.random.fork_rng():
+        resnet = new_classifier("resnet20a", InputSpec((3, 32, 32), (0.5,), (0.5,), 10))
+    assert choose_method(resnet.eval().requires_grad_(False))[0] == "nayer"
+    assert choose_method(BlackBoxTeacher(LocalAPI(teacher)))[0] == "dfme"
+    assert choose_method(BlackBoxTeacher(LocalAPI(teacher, access="top1")))[0] == "db3kd"
+
+
+def test_the_choice_leaves_the_random_state_alone(digits_teacher):
+    teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
+    state = torch.get_rng_state()
+    choose_method(teacher)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_distill_without_a_method_reports_what_auto_chose(digits_teacher, tmp_path):
+    cfg = DistillConfig(teacher=TeacherArgs(path=str(digits_teacher)),
+                        method_options={"batch_size": 16, "steps": 2},
+                        student="digits_cnn_quarter", out=str(tmp_path / "a"), budget="4steps",
+                        device="cpu", eval_dataset="none", steps_per_round=2)
+    assert cfg.method == "auto"
+    r = distill(cfg, progress=False)
+    assert r["method"] == "deepinv" and "MFLOPs per image" in r["method_choice"]
+
+
+def test_bench_default_is_what_auto_chooses_for_the_suite_teacher():
+    assert suite_default(SUITES["digits"]) == "deepinv"
+    assert suite_default(SUITES["mnist-mlp"]) == "deepinv"
+    assert suite_default(SUITES["cifar10-r20"]) == "nayer"
+    assert resolve_methods("default,noise", "nayer") == ["kd_real", "scratch_real", "nayer",
+                                                         "noise"]
