@@ -137,6 +137,10 @@ def test_distill_reports_teacher_and_student_asr_without_training_on_it(tmp_path
     plain = distill(DistillConfig(**{**vars(cfg), "eval_trigger": "",
                                      "out": str(tmp_path / "p")}), progress=False)
     assert plain["student_acc"] == report["student_acc"]  # the trigger changes no training
+    with pytest.raises(DfkdError, match="target 12 is not a class"):  # before any work
+        distill(DistillConfig(**{**vars(cfg), "eval_trigger": "badnets:target=12",
+                                 "out": str(tmp_path / "bad")}), progress=False)
+    assert not (tmp_path / "bad").exists()
     assert main(["evaluate", "--model", str(digits_teacher), "--trigger", "badnets:target=1",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

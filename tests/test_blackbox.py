@@ -3,7 +3,6 @@ and metering, the query log, and distillation from an API on loopback, killed an
 
 import contextlib
 import io
-import socket
 import threading
 import time
 
@@ -29,6 +28,7 @@ from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine import distill as engine
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
+from dfkd.machine import free_port
 from dfkd.models.classifier import load_classifier
 from dfkd.synthesis.dfme import DFME
 
@@ -47,9 +47,7 @@ def _npy(a) -> bytes:
 @contextlib.contextmanager
 def serving(app):
     """`app` served by uvicorn on a free loopback port, in a thread of this process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)

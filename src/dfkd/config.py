@@ -76,6 +76,10 @@ class Budget:
         return self.progress(step, seconds) >= 1.0
 
 
+def is_api_url(path: str) -> bool:
+    return str(path).startswith(("http://", "https://"))
+
+
 @dataclass
 class TeacherArgs:
     """Where the teacher comes from; the spec flags are for weights that carry no spec. A config
@@ -89,8 +93,13 @@ class TeacherArgs:
     std: list[float] | None = option(None, "normalization std (one or per channel)")
     num_classes: int | None = option(None, "number of classes (else inferred)")
 
+    @property
+    def is_api(self) -> bool:
+        """A black-box teacher's URL (or several, comma-separated) rather than weights."""
+        return is_api_url(self.path)
+
     def load(self):
-        if self.path.startswith(("http://", "https://")):
+        if self.is_api:
             from dfkd.blackbox.teacher import connect
 
             return connect(self.path)
@@ -219,8 +228,7 @@ def _comparable(config: dict) -> dict:
     """A config as resuming compares it: a teacher API may come back at another address (the
     query log checks that it answers as before)."""
     teacher = config.get("teacher")
-    if isinstance(teacher, dict) and str(teacher.get("path", "")).startswith(("http://",
-                                                                               "https://")):
+    if isinstance(teacher, dict) and is_api_url(teacher.get("path", "")):
         config = {**config, "teacher": {**teacher, "path": "a black-box API"}}
     return config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 from pathlib import Path
 
 import torch
@@ -41,3 +42,10 @@ def machine_line(m: dict) -> str:
     return (f"{m['cpu_count']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"GPU: {m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"Python {m['python']}")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for the servers dfkd starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ bench puts a suite's teacher behind a real API."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from dfkd.errors import DfkdError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dfkd.machine import free_port
 
 
 def serve_args(teacher) -> list[str]:

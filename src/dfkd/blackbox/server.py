@@ -14,9 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from dfkd.blackbox.wire import ACCESS, NPY, BadRequest, answer, decode_inputs
+from dfkd.blackbox.wire import ACCESS, NPY, BadRequest, api_info, decode_inputs, model_answer
 from dfkd.errors import DfkdError
-from dfkd.hooks import eval_mode
 from dfkd.models.classifier import Classifier
 
 HEADER_SLACK = 4096  # bytes a .npy header may take beyond the pixels themselves
@@ -30,13 +29,11 @@ def create_app(model: Classifier, access: str = "soft", topk: int = 5,
         raise DfkdError(f"topk and max_batch must be positive, got {topk} and {max_batch}")
     shape, lock = model.spec.shape, threading.Lock()
     max_bytes = max_batch * 4 * int(torch.tensor(shape).prod()) + HEADER_SLACK
-    info = {"input_shape": list(shape), "num_classes": model.spec.num_classes, "access": access,
-            "topk": topk if access == "topk" else None, "max_batch": max_batch,
-            "dataset": model.spec.dataset}
+    info = api_info(model, access, topk, max_batch)
 
-    def predict_probs(x: torch.Tensor) -> torch.Tensor:
-        with lock, torch.no_grad(), eval_mode(model):
-            return model(x.to(model.mean.device)).float().softmax(1).cpu()
+    def locked_answer(x: torch.Tensor) -> dict:
+        with lock:
+            return model_answer(model, x, access, topk)
 
     async def get_info(request: Request) -> JSONResponse:
         return JSONResponse(info)
@@ -49,8 +46,7 @@ def create_app(model: Classifier, access: str = "soft", topk: int = 5,
             x = decode_inputs(body, shape, max_batch)
         except BadRequest as e:
             return JSONResponse({"error": e.reason}, status_code=e.status)
-        probs = await run_in_threadpool(predict_probs, x)
-        return JSONResponse(answer(probs, access, topk))
+        return JSONResponse(await run_in_threadpool(locked_answer, x))
 
     return Starlette(routes=[Route("/v1/info", get_info, methods=["GET"]),
                              Route("/v1/predict", predict, methods=["POST"])])

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from dfkd.blackbox.query_log import QueryLog, digest
-from dfkd.blackbox.wire import NPY, answer, answer_probs, encode_inputs
+from dfkd.blackbox.wire import NPY, answer_probs, api_info, encode_inputs, model_answer
 from dfkd.errors import DfkdError
-from dfkd.hooks import eval_mode
 from dfkd.io import write_json
 from dfkd.models.classifier import Classifier, InputSpec
 
@@ -57,17 +56,10 @@ class LocalAPI:
         self.url = f"local:{model.arch}"
 
     def info(self) -> dict:
-        s = self.model.spec
-        return {"input_shape": list(s.shape), "num_classes": s.num_classes,
-                "access": self.access, "topk": self.topk if self.access == "topk" else None,
-                "max_batch": self.max_batch,
-                "dataset": s.dataset}
+        return api_info(self.model, self.access, self.topk, self.max_batch)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> dict:
-        with eval_mode(self.model):
-            probs = self.model(x.to(self.model.mean.device)).float().softmax(1).cpu()
-        return answer(probs, self.access, self.topk)
+        return model_answer(self.model, x, self.access, self.topk)
 
 
 class HttpAPI:

@@ -21,6 +21,8 @@ import io
 import numpy as np
 import torch
 
+from dfkd.hooks import eval_mode
+
 ACCESS = ("soft", "topk", "top1")
 NPY = "application/x-npy"
 
@@ -60,6 +62,22 @@ def decode_inputs(body: bytes, shape: tuple[int, ...], max_batch: int) -> torch.
     if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
         raise BadRequest(422, "pixels must be finite and in [0, 1]")
     return torch.from_numpy(a)
+
+
+def api_info(model, access: str, topk: int, max_batch: int) -> dict:
+    """The answer to GET /v1/info for `model` served at this access level."""
+    return {"input_shape": list(model.spec.shape), "num_classes": model.spec.num_classes,
+            "access": access, "topk": topk if access == "topk" else None,
+            "max_batch": max_batch, "dataset": model.spec.dataset}
+
+
+@torch.no_grad()
+def model_answer(model, x: torch.Tensor, access: str, topk: int) -> dict:
+    """What the API answers for images x: the model's probabilities (eval mode), revealed at
+    this access level."""
+    with eval_mode(model):
+        probs = model(x.to(model.mean.device)).float().softmax(1).cpu()
+    return answer(probs, access, topk)
 
 
 def answer(probs: torch.Tensor, access: str, topk: int) -> dict:

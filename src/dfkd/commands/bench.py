@@ -380,17 +380,17 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
                *(["student ASR", "teacher ASR"] if cfg.poison else []),
                *(["queries"] if cfg.access else []), "synthesis s",
                "train s", "teacher passes", "steps", "runs"]
-    poisoned = (f" Every teacher carries the backdoor `{cfg.poison}`; ASR = the share of test "
+    notes = (f" Every teacher carries the backdoor `{cfg.poison}`; ASR = the share of test "
                 "images of other classes that its trigger sends to the target class (evaluation "
                 "only)." if cfg.poison else "")
-    poisoned += (f" Rows with queries distilled from the suite teacher behind `dfkd serve` "
+    notes += (f" Rows with queries distilled from the suite teacher behind `dfkd serve` "
                  f"({cfg.access} access"
                  + (f", at most {cfg.query_budget} queries each" if cfg.query_budget else "")
                  + "); queries = images sent to it; (white box) rows ran on its weights."
                  if cfg.access else "")
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
-              "data; every other row is data-free." + poisoned, "",
+              "data; every other row is data-free." + notes, "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blanks = " |" * (len(columns) - 2)  # closes the error cell and the empty cells after it
     for row in summarize(records):
@@ -400,11 +400,11 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
         name = f"{row['method']} (real data)" if row["uses_real_data"] else row["method"]
         if cfg.access and not row["uses_real_data"] and row["queries"] is None:
             name += " (white box)"
-        asr = [_pm(row["student_asr"], 100), _pm(row["teacher_asr"], 100)] if cfg.poison else []
-        asr += [_passes(row["queries"])] if cfg.access else []
+        extra = ([_pm(row["student_asr"], 100), _pm(row["teacher_asr"], 100)] if cfg.poison
+                 else []) + ([_passes(row["queries"])] if cfg.access else [])
         lines.append("| " + " | ".join([
             name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
-            _pm(row["teacher_acc"], 100), *asr, _pm(row["synthesis_seconds"], 1, 1),
+            _pm(row["teacher_acc"], 100), *extra, _pm(row["synthesis_seconds"], 1, 1),
             _pm(row["train_seconds"], 1, 1), _passes(row["teacher_passes"]),
             _pm(row["steps"], 1, 0), str(row["runs"]) + (f" ({row['failed']} failed)"
                                                        if row["failed"] else "")]) + " |")

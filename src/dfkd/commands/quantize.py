@@ -78,7 +78,7 @@ def quantize(cfg: QuantizeConfig, *, progress: bool = True, command: str = "") -
         ft = FinetuneOptions(loss=cfg.finetune, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
         check_options(ft)
     device = pick_device(cfg.device)
-    if cfg.model.path.startswith(("http://", "https://")):
+    if cfg.model.is_api:
         raise DfkdError("dfkd quantize needs the model's weights; a black-box API has none")
     model = cfg.model.load().to(device).eval().requires_grad_(False)
     dataset = cfg.eval_dataset or model.spec.dataset

@@ -60,6 +60,8 @@ class Evaluator:
         if self.trigger and not self.data:
             raise DfkdError("--eval-trigger measures the attack on evaluation data; give "
                             "--eval-dataset")
+        if self.trigger:  # a bad trigger fails before any work, not at the first evaluation
+            self.trigger.check(teacher.spec.num_classes, teacher.spec.shape)
         self._teacher = None  # (logits, ASR) on first use: a black box is asked once its query
         # log is open, in its own stream, never against the run's query budget
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from dfkd.errors import DfkdError
 from dfkd.fed.task import FedConfig
+from dfkd.machine import free_port
 
 # offline and quiet: no telemetry or update checks, no colour codes in logs; the SuperNodes'
 # executors poll for work every 0.2 s instead of every second
@@ -89,12 +89,6 @@ clientapp = "dfkd.fed.apps:client_app"
 {config}
 """)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_superlink(address: str, proc: subprocess.Popen | None, timeout: float = 60):

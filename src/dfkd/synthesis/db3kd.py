@@ -117,10 +117,13 @@ class DB3KD(Synthesizer):
             for slot, c, lab in zip(missing.tolist(), cand, label.tolist(), strict=True):
                 # a draw fills the first empty slot of its class, else its own if still empty
                 takers = ((y != wanted) & (wanted == lab)).nonzero().flatten()
-                take = takers[0].item() if len(takers) else slot if y[slot] != wanted[slot] \
-                    else None
-                if take is not None:
-                    x[take], y[take] = c, lab
+                if len(takers):
+                    take = takers[0].item()
+                elif y[slot] != wanted[slot]:
+                    take = slot
+                else:
+                    continue
+                x[take], y[take] = c, lab
         return x, y
 
     def first_flip(self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
