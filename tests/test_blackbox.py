@@ -314,6 +314,32 @@ def test_dfme_trains_its_generator_from_answers_alone(model):
         DFME(teacher, DFME.Options(bn_weight=1.0), seed=0)
 
 
+def test_dfme_replay_trains_on_remembered_answers_without_a_query(model):
+    from dfkd.models.classifier import new_classifier
+
+    api = Counting(model)
+    student = new_classifier("digits_cnn_quarter", model.spec)
+    opts = DFME.Options(batch_size=8, nz=16, ngf=8, g_every=1, replay=2, memory=12)
+    synth = DFME(BlackBoxTeacher(api), opts, seed=0)
+    fresh = synth.synthesize(student, 0)
+    assert api.sent == [8 * 2, 8]
+    replayed = [synth.synthesize(student, i) for i in (1, 2)]
+    assert api.sent == [8 * 2, 8]  # no query for the two replayed batches
+    for b in replayed:  # every replayed sample is a remembered one, with its answer
+        assert len(b["x"]) == 8
+        for x, t in zip(b["x"], b["target_logits"], strict=True):
+            i = [k for k in range(8) if torch.allclose(fresh["x"][k], x, atol=1e-3)]
+            assert i and torch.allclose(fresh["target_logits"][i[0]], t)
+    synth.synthesize(student, 3)  # fresh again: a G step and a batch; the ring (12) wraps
+    assert api.sent == [16, 8, 16, 8] and synth.remembered == 16
+    again = DFME(BlackBoxTeacher(Counting(model)), opts, seed=0)
+    again.load_state_dict(synth.state_dict())
+    a, b = synth.synthesize(student, 4), again.synthesize(student, 4)
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["target_logits"], b["target_logits"])
+    with pytest.raises(DfkdError, match="replay must be >= 0"):
+        DFME(BlackBoxTeacher(api), DFME.Options(replay=-1), seed=0)
+
+
 # ---- distillation from an API on loopback ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -343,8 +369,11 @@ def test_distill_from_an_api_reports_its_queries_and_stops_at_the_budget(api_url
     assert (tmp_path / "b" / "student.safetensors").exists()
 
 
-def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, monkeypatch):
-    full = distill(_cfg(api_url, tmp_path / "full"), progress=False)
+@pytest.mark.parametrize("replay", [0, 2])
+def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, monkeypatch,
+                                                           replay):
+    options = {"method_options": {"batch_size": 16, "nz": 16, "ngf": 8, "replay": replay}}
+    full = distill(_cfg(api_url, tmp_path / "full", **options), progress=False)
 
     class Killed(BaseException):
         pass
@@ -358,13 +387,15 @@ def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, mo
         return original(*a, **k)
 
     monkeypatch.setattr(engine, "student_loss", loss_then_die)
-    cfg = _cfg(api_url, tmp_path / "killed")
+    cfg = _cfg(api_url, tmp_path / "killed", **options)
     with pytest.raises(Killed):
         distill(cfg, progress=False)
     monkeypatch.undo()
     resumed = distill(cfg, resume=True, progress=False)
     assert resumed["queries"] == full["queries"]  # the replayed step's batch came from the log
-    assert resumed["replayed_queries"] >= 16 and resumed["student_acc"] == full["student_acc"]
+    if not replay:  # (with replay, the killed step's batch came from the memory)
+        assert resumed["replayed_queries"] >= 16
+    assert resumed["student_acc"] == full["student_acc"]
     a = load_file(str(tmp_path / "full" / "student.safetensors"))
     b = load_file(str(tmp_path / "killed" / "student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

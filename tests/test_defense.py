@@ -71,7 +71,68 @@ def test_the_vaccine_learns_the_clean_samples_and_moves_away_on_the_suspects(mon
     monkeypatch.setattr(abd, "suspect", lambda x_, t_: mask)
     s = student(x)
     expected = crit(s[~mask], t[~mask], {}) - 0.3 * crit(s[mask], t[mask], {})
-    torch.testing.assert_close(abd.student_loss(crit, student, x, t), expected)
+    torch.testing.assert_close(abd.student_loss(crit, student, x, t, {}), expected)
+
+
+def test_the_vaccine_ascent_stops_at_the_distance_of_a_uniform_answer(monkeypatch):
+    teacher, student = _conv_net(), _conv_net()
+    crit = create_student_loss("kd", {}, teacher=teacher, student=student, temperature=1.0,
+                               method="deepinv", family="transfer_set")
+    x = torch.rand(4, 1, 8, 8)
+    t = teacher(x).detach() * 20  # a confident teacher
+    with torch.no_grad():  # a student that answers against the teacher: beyond the bound
+        student.net[-1].weight.copy_(teacher.net[-1].weight * -20)
+        student.net[-1].bias.copy_(teacher.net[-1].bias * -20)
+    mask = torch.tensor([True, True, False, False])
+    s = student(x)
+    far = crit(torch.zeros_like(s[mask]), t[mask], {})
+    assert crit(s[mask], t[mask], {}) > far
+    bounded, unbounded = _abd(teacher), _abd(teacher, sv_bounded=False)
+    for abd in (bounded, unbounded):
+        monkeypatch.setattr(abd, "suspect", lambda x_, t_: mask)
+    loss = bounded.student_loss(crit, student, x, t, {})
+    torch.testing.assert_close(loss, crit(s[~mask], t[~mask], {}) - 0.1 * far)
+    torch.testing.assert_close(unbounded.student_loss(crit, student, x, t, {}),
+                               crit(s[~mask], t[~mask], {}) - 0.1 * crit(s[mask], t[mask], {}))
+    # past the bound the suspects add no gradient: only the clean rows move the student
+    grads = torch.autograd.grad(loss, student.net[-1].bias)[0]
+    clean = torch.autograd.grad(crit(student(x)[~mask], t[~mask], {}), student.net[-1].bias)[0]
+    torch.testing.assert_close(grads, clean)
+
+
+def test_retrospection_steps_at_its_own_small_learning_rate_annealed_to_zero():
+    abd = _abd(_conv_net(), sr_share=0.2, sr_lr=1e-3)
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.05)
+    abd.set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] == 0.05  # before retrospection: the run's own schedule
+    abd.set_lr(opt, 0.8)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    abd.set_lr(opt, 0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    abd.set_lr(opt, 1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    opt.param_groups[0]["lr"] = 1e-4  # never above the run's own rate
+    abd.set_lr(opt, 0.8)
+    assert opt.param_groups[0]["lr"] == 1e-4
+
+
+def test_a_stored_sets_samples_are_judged_once_as_stored():
+    teacher = _conv_net()
+    abd = _abd(teacher)
+    stored = torch.rand(6, 1, 8, 8)
+    judged = []
+    original = abd.suspect
+    abd.suspect = lambda x, t: judged.append(len(x)) or original(x, t)
+    first = abd.stored_suspects({"x": stored[[0, 1, 2]], "index": torch.tensor([0, 1, 2])})
+    second = abd.stored_suspects({"x": stored[[2, 5, 1]], "index": torch.tensor([2, 5, 1])})
+    assert judged == [3, 1]  # sample 5 only: 1 and 2 kept their flags
+    truth = original(stored, teacher(stored))
+    assert torch.equal(first, truth[[0, 1, 2]]) and torch.equal(second, truth[[2, 5, 1]])
+    restored = _abd(teacher)
+    restored.load_state_dict(abd.state_dict())
+    restored.suspect = lambda x, t: judged.append(len(x)) or original(x, t)
+    assert torch.equal(restored.stored_suspects({"x": stored[[5]], "index": torch.tensor([5])}),
+                       truth[[5]]) and judged == [3, 1]
 
 
 def test_suspects_are_the_samples_the_shuffled_teachers_still_agree_on():
@@ -89,9 +150,10 @@ def test_self_retrospection_finds_a_trigger_surrogate_and_adds_its_hypergradient
     teacher, student = _conv_net(), _conv_net()
     abd = _abd(teacher, sr_steps=5, sr_rows=0.5)
     x = torch.rand(8, 1, 8, 8)
-    delta = abd.trigger_surrogate(teacher, x)
+    delta = abd.trigger_surrogate(teacher, x)  # in the teacher's normalized units (std 0.5)
     assert delta.shape == (1, 1, 8, 8) and delta.abs().sum() > 0
-    moved = (teacher(x + delta).softmax(1) - teacher(x).softmax(1)).abs().sum()
+    assert delta.abs().max() > 0.5 * 5 * 0.1  # Adam's steps of 0.1, mostly in one direction
+    moved = (teacher(x + 0.5 * delta).softmax(1) - teacher(x).softmax(1)).abs().sum()
     assert moved > 0
     for p in student.parameters():
         p.grad = torch.zeros_like(p)

@@ -259,12 +259,15 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 with torch.no_grad(), crit.capture("teacher"), accel.autocast(device):
                     teacher_logits = teacher(x).float()
                 state.relabel_passes += x.shape[0]
-            cosine_lr(optimizer, base_lr, budget.progress(state.step, state.elapsed()))
+            progress = budget.progress(state.step, state.elapsed())
+            cosine_lr(optimizer, base_lr, progress)
+            if defense:
+                defense.set_lr(optimizer, progress)
             student.train()
             if update:
                 loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
             elif defense:
-                loss = defense.student_loss(crit, student, x, teacher_logits)
+                loss = defense.student_loss(crit, student, x, teacher_logits, batch)
             else:
                 loss = student_loss(crit, student, x, teacher_logits, batch, gen,
                                     source.samples or 0)
@@ -275,7 +278,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                 "state is checkpointed)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if defense and defense.retrospecting(budget.progress(state.step, state.elapsed())):
+            if defense and defense.retrospecting(progress):
                 defense.retrospect(student, teacher, x, gen)
             optimizer.step()
             state.record_loss(loss.item())

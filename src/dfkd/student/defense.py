@@ -37,6 +37,7 @@ Departures from the authors' code, each for a reason:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,12 @@ class ABDOptions:
     copies: int = 3  # shuffled teachers averaged (the authors': 3)
     layers: int = 5  # last convolutions whose input channels are shuffled (the authors': 5)
     sv_weight: float = 0.1  # weight of the ascent on suspect samples (the authors': 0.1)
+    sv_bounded: bool = True  # the ascent stops where the student is as far as a uniform answer
     sr_share: float = 0.1  # final share of the budget with self-retrospection
     sr_steps: int = 10  # Adam steps of the trigger surrogate per student step (theirs: 10, 20)
     sr_rows: float = 0.02  # share of a batch that gets delta in the consistency loss (theirs)
     sr_temperature: float = 20.0  # of the teacher's and the consistency KL (their CMI's T)
+    sr_lr: float = 5e-4  # the student's learning rate as retrospection starts, cosine to 0 (theirs)
 
 
 def shuffled_copy(teacher: Classifier, layers: int, gen: torch.Generator) -> Classifier:
@@ -93,10 +96,11 @@ class ABD:
             raise DfkdError("abd copies, layers and sr_steps must be >= 1")
         if opts.sv_weight < 0 or not 0 <= opts.sr_share <= 1 or not 0 < opts.sr_rows <= 1:
             raise DfkdError("abd needs sv_weight >= 0, sr_share in [0, 1] and sr_rows in (0, 1]")
-        self.opts = opts
+        self.opts, self.teacher = opts, teacher
         gen = torch.Generator().manual_seed(seed)
         self.shuffled = [shuffled_copy(teacher, opts.layers, gen) for _ in range(opts.copies)]
         self.suspects = self.seen = self.sr_steps = 0
+        self.flags = torch.zeros(0, dtype=torch.int8)  # a stored set's: 1 suspect, 0 not, -1 unseen
 
     @torch.no_grad()
     def suspect(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -107,29 +111,69 @@ class ABD:
         self.seen += len(found)
         return found
 
+    def stored_suspects(self, batch: dict) -> torch.Tensor:
+        """The suspect flags of a stored set's samples (by `index`), each judged once, as
+        stored: a set's samples do not change, so the shuffled
+        teachers need not see every view of them."""
+        index = batch["index"].cpu()
+        if int(index.max()) >= len(self.flags):
+            grown = torch.full((int(index.max()) + 1,), -1, dtype=torch.int8)
+            grown[:len(self.flags)] = self.flags
+            self.flags = grown
+        new = self.flags[index] < 0
+        if new.any():
+            rows = new.nonzero().squeeze(1)
+            x = batch["x"][rows].float().to(self.teacher.mean.device)
+            with torch.no_grad():
+                found = self.suspect(x, self.teacher(x).float())
+            self.flags[index[rows]] = found.cpu().to(torch.int8)
+        return (self.flags[index] > 0)
+
     def student_loss(self, crit, student: Classifier, x: torch.Tensor,
-                     teacher_logits: torch.Tensor) -> torch.Tensor:
+                     teacher_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """The student's loss on the clean samples minus sv_weight times it on the suspects."""
-        suspects = self.suspect(x, teacher_logits)
+        if batch.get("index") is not None:
+            suspects = self.stored_suspects(batch).to(x.device)
+        else:
+            suspects = self.suspect(x, teacher_logits)
         logits = student(x)
         clean = ~suspects
         loss = crit(logits[clean], teacher_logits[clean], {}) if clean.any() else logits.sum() * 0
         if suspects.any() and self.opts.sv_weight:
-            loss = loss - self.opts.sv_weight * crit(logits[suspects], teacher_logits[suspects], {})
+            away = crit(logits[suspects], teacher_logits[suspects], {})
+            if self.opts.sv_bounded:  # no gradient once as far as knowing nothing
+                uniform = torch.zeros_like(logits[suspects])
+                away = torch.minimum(away, crit(uniform, teacher_logits[suspects], {}).detach())
+            loss = loss - self.opts.sv_weight * away
         return loss
 
     def retrospecting(self, progress: float) -> bool:
         return progress >= 1 - self.opts.sr_share
 
+    def set_lr(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
+        """During self-retrospection the student steps at sr_lr, annealed to 0 by the end."""
+        if not self.retrospecting(progress) or not self.opts.sr_share:
+            return
+        into = (progress - (1 - self.opts.sr_share)) / self.opts.sr_share
+        for group in optimizer.param_groups:
+            group["lr"] = min(group["lr"], self.opts.sr_lr * 0.5 * (1 + math.cos(math.pi * into)))
+
+    def _scale(self, teacher: Classifier, x: torch.Tensor) -> torch.Tensor:
+        """Pixels per unit of the teacher's normalized input (its std), shaped to broadcast over
+        x: the surrogate lives in normalized units, as in the authors' code."""
+        std = torch.tensor(teacher.spec.std, dtype=x.dtype, device=x.device)
+        return std.view(1, -1, *([1] * (x.dim() - 2)))
+
     def trigger_surrogate(self, teacher: Classifier, x: torch.Tensor) -> torch.Tensor:
-        """One perturbation for the whole batch that most changes the teacher's output."""
-        t = self.opts.sr_temperature
+        """One perturbation for the whole batch that most changes the teacher's output, in
+        normalized units."""
+        t, scale = self.opts.sr_temperature, self._scale(teacher, x)
         with torch.no_grad():
             clean = teacher(x).float()
         delta = torch.zeros_like(x[:1], requires_grad=True)
         opt = torch.optim.Adam([delta], lr=0.1)
         for _ in range(self.opts.sr_steps):
-            loss = -kd_loss(teacher(x + delta).float(), clean, t)
+            loss = -kd_loss(teacher(x + delta * scale).float(), clean, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -140,6 +184,7 @@ class ABD:
         """Add to the student's gradients the hypergradient of unlearning the teacher's trigger
         surrogate (I-BAU's fixed point, 5 iterations): call after the loss's backward."""
         delta = self.trigger_surrogate(teacher, x).requires_grad_(True)
+        scale = self._scale(teacher, x)
         weights = [p for p in student.parameters() if p.requires_grad]
         t = self.opts.sr_temperature
         with torch.no_grad():
@@ -147,12 +192,12 @@ class ABD:
         rows = torch.randperm(len(x), generator=gen)[:max(1, int(len(x) * self.opts.sr_rows))]
 
         def inner(d):
-            return -kd_loss(student(x + d).float(), clean, 1.0) + 0.001 * d.pow(2).sum()
+            return -kd_loss(student(x + d * scale).float(), clean, t) + 0.001 * d.pow(2).sum()
 
         def outer(d):
             patch = torch.zeros_like(x)
             patch[rows] = 1.0
-            return kd_loss(student(x + patch * d).float(), clean, t)
+            return kd_loss(student(x + patch * d * scale).float(), clean, t)
 
         grads = torch.autograd.grad(outer(delta), [delta, *weights], allow_unused=True)
         outer_delta, outer_weights = grads[0], grads[1:]
@@ -169,11 +214,13 @@ class ABD:
         self.sr_steps += 1
 
     def state_dict(self) -> dict:
-        return {"suspects": self.suspects, "seen": self.seen, "sr_steps": self.sr_steps}
+        return {"suspects": self.suspects, "seen": self.seen, "sr_steps": self.sr_steps,
+                "flags": self.flags.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.suspects, self.seen, self.sr_steps = state["suspects"], state["seen"], \
             state["sr_steps"]
+        self.flags = state.get("flags", torch.zeros(0, dtype=torch.int8)).clone()
 
     def report(self) -> dict:
         return {"defense": self.name, "defense_options": vars(self.opts),

@@ -12,9 +12,15 @@ random unit vectors u at step `epsilon`, dim/eps * mean_u[(L(g + eps u) - L(g)) 
 direction one extra query per image. G's output passes through tanh to pixels, (tanh(g) + 1) / 2.
 
 Queries per cycle of one G step and `g_every` student steps: batch_size * (directions + 1 +
-g_every) (the paper's cost_per_iteration). Departures from the reference: the student's learning
-rate follows the engine's cosine decay instead of steps at 10/30/50% of the budget, and the G
-learning rate stays constant.
+g_every) (the paper's cost_per_iteration).
+
+`replay` (0 in the paper) spends a query budget further: after each fresh batch the student
+takes `replay` steps on batches drawn from a memory of the last `memory` answered samples, which
+cost no query. Queries per cycle stay the same; the student steps per cycle grow (replay + 1)
+times. The memory is part of the checkpoint, so a resumed run replays exactly.
+
+Departures from the reference: the student's learning rate follows the engine's cosine decay
+instead of steps at 10/30/50% of the budget, and the G learning rate stays constant.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class DFMEOptions(GeneratorOptions):
     bn_weight: float = 0.0  # no BatchNorm prior: a black box has no BatchNorm to read
     directions: int = 1  # random directions of the gradient estimate (paper: m = 1)
     epsilon: float = 1e-3  # forward-difference step in G's output space (paper: 1e-3)
+    replay: int = 0  # student steps on remembered answers per step on a fresh batch (paper: 0)
+    memory: int = 65536  # answered samples kept for replay, the oldest dropped first
 
 
 def forward_difference_gradient(losses: torch.Tensor, u: torch.Tensor, epsilon: float,
@@ -65,7 +73,56 @@ class DFME(GeneratorMethod):
             raise DfkdError("dfme asks only the teacher's answers; bn_weight needs its BatchNorm "
                             "layers (use dfad for a BatchNorm prior)")
         super().__init__(teacher, options, seed)
-        require_positive(options, "directions", "epsilon")
+        require_positive(options, "directions", "epsilon", "memory")
+        if options.replay < 0:
+            raise DfkdError(f"replay must be >= 0, got {options.replay}")
+        self.memory: dict[str, torch.Tensor] = {}  # a ring of answered samples, on the CPU
+        self.remembered = 0  # samples ever stored (the ring's write position, mod its size)
+
+    def synthesize(self, student, index):
+        """Every (replay + 1)-th student batch is fresh: G's samples, answered by the teacher
+        (a query) and remembered; the others are drawn from the memory and cost no query."""
+        cycle = self.opts.replay + 1
+        if index % cycle and self.remembered:
+            return self.replayed(torch.Generator().manual_seed(self.batch_seed(index)))
+        batch = super().synthesize(student, index // cycle)
+        if self.opts.replay:
+            self.remember(batch)
+        return batch
+
+    def remember(self, batch: dict) -> None:
+        size, n = self.opts.memory, len(batch["x"])
+        if not self.memory:
+            self.memory = {"x": torch.empty((size, *batch["x"].shape[1:]), dtype=torch.float16),
+                           "target_logits": torch.empty((size, batch["target_logits"].shape[1]))}
+        slots = (self.remembered + torch.arange(n)) % size
+        self.memory["x"][slots] = batch["x"].detach().cpu().half()
+        self.memory["target_logits"][slots] = batch["target_logits"].detach().cpu().float()
+        self.remembered += n
+
+    def replayed(self, gen: torch.Generator) -> dict:
+        n = min(self.remembered, self.opts.memory)
+        idx = torch.randperm(n, generator=gen)[:self.opts.batch_size]
+        x = self.memory["x"][idx].float().to(self.device)
+        return {"x": x, "target_logits": self.memory["target_logits"][idx].to(self.device),
+                "classes": torch.full((len(idx),), -1, dtype=torch.long, device=self.device),
+                "seeds": torch.full((len(idx),), -1, dtype=torch.long)}
+
+    def state_dict(self) -> dict:
+        n = min(self.remembered, self.opts.memory)
+        kept = {k: v[:n].clone() for k, v in self.memory.items()}
+        return {**super().state_dict(), "memory": kept, "remembered": self.remembered}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.remembered, self.memory = int(state.get("remembered", 0)), {}
+        kept = state.get("memory") or {}
+        if kept:
+            size = self.opts.memory
+            self.memory = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype)
+                           for k, v in kept.items()}
+            for k, v in kept.items():
+                self.memory[k][:len(v)] = v
 
     @staticmethod
     def pixels(g: torch.Tensor) -> torch.Tensor:
