@@ -11,25 +11,31 @@ Neither part ever sees a trigger.
   samples minus `sv_weight` times its loss on the suspects: it learns the clean ones and moves
   away from the teacher on the suspects.
 - Self-retrospection (SR). In the last `sr_share` of the budget every student step also
-  unlearns a trigger surrogate: a universal perturbation delta that most changes the teacher's
-  output (`sr_steps` Adam steps at lr 0.1), after which the student is made to answer the same
-  on x and on x + delta for a few rows of the batch (`sr_rows`). Its gradient with respect to the
-  student's weights is the implicit hypergradient through delta (I-BAU's fixed-point method: 5
-  iterations of an inner gradient step of 0.1, an L2 penalty of 0.001 on delta), added to the
-  gradient of the student's loss before the optimizer steps.
+  unlearns a trigger surrogate: a universal perturbation delta, in the teacher's normalized input
+  units, that most changes the teacher's output (`sr_steps` Adam steps at lr 0.1), after which
+  the student is made to answer the same on x and on x + delta for a few rows of the batch
+  (`sr_rows`). Its gradient with respect to the student's weights is the implicit hypergradient
+  through delta (I-BAU's fixed-point method: 5 iterations of an inner gradient step of 0.1, an
+  L2 penalty of 0.001 on delta, both divergences at `sr_temperature`), added to the gradient of
+  the student's loss before the optimizer steps at `sr_lr`, annealed to 0 by the end.
 
 Departures from the authors' code, each for a reason:
 - SV acts in the student's loss, as in their variant for distillation from a fixed image set
   (`vanilla_kd_ood.py`), not in the synthesis loss of their CMI and ZSKT runs: so it plugs into
-  every method, pixel inversion and generators alike, without touching any. Suspects are found
-  on each student batch.
+  every method, pixel inversion and generators alike, without touching any.
+- The ascent on suspects stops where the student's loss on them reaches that of a uniform
+  answer (`sv_bounded`; theirs has no bound): past it the student would not unlearn the
+  teacher's answer but learn its opposite, which cost the first version of this defence most of
+  its clean accuracy (BENCHMARKS.md, "Poisoned teachers").
+- A stored transfer set's samples are judged once each, as stored (the run keeps their flags);
+  an online method's batches are judged as they come. Theirs judge every augmented view, which
+  here cost the student more than half of its steps.
 - They shuffle the last 5 tensors named `conv`; here the last `layers` convolutions in
   registration order (any nn.Module), or, in a network without convolutions, its linear layers
   before the head.
-- SR runs in the last share of one budgeted run, the cosine learning rate already small there,
-  where they resume a finished run's checkpoint for 1-2 epochs at lr 5e-4.
-- delta lives in [0, 1] pixel space (their inputs are normalized); SR patches at least one row
-  (their 2% of a batch is no row below 50).
+- SR runs in the last share of one budgeted run, where they resume a finished run's checkpoint
+  for 1-2 epochs (400-800 steps) at the same lr; SR patches at least one row (their 2% of a
+  batch is no row below 50).
 - The vaccine verification they ship switched off for CIFAR-10 (`pseudo_test_batches` 0) is not
   built.
 """
