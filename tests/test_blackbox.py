@@ -359,13 +359,14 @@ def _cfg(url, out, **kw):
 
 def test_distill_from_an_api_reports_its_queries_and_stops_at_the_budget(api_url, tmp_path):
     r = distill(_cfg(api_url, tmp_path / "a"), progress=False)
-    # 30 student batches of 16, and 6 G steps of 16 images at 2 points each
-    assert r["queries"] == 30 * 16 + 6 * 16 * 2 and r["ended_by"] == "budget"
+    # replay 4 (the default): 6 of the 30 student batches of 16 are fresh, and G steps once
+    # every 5 fresh ones (2 steps of 16 images at 2 points each)
+    assert r["queries"] == 6 * 16 + 2 * 16 * 2 and r["ended_by"] == "budget"
     assert r["teacher_access"] == "soft" and r["teacher_params"] is None
     assert r["eval_queries"] == 450 and r["teacher_acc"] > 0.9
     assert r["student_init"] == "random"
-    r = distill(_cfg(api_url, tmp_path / "b", query_budget=200), progress=False)
-    assert r["ended_by"] == "query budget" and r["queries"] <= 200 and r["steps"] < 30
+    r = distill(_cfg(api_url, tmp_path / "b", query_budget=100), progress=False)
+    assert r["ended_by"] == "query budget" and r["queries"] <= 100 and r["steps"] < 30
     assert (tmp_path / "b" / "student.safetensors").exists()
 
 
