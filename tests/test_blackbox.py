@@ -3,6 +3,7 @@ and metering, the query log, and distillation from an API on loopback, killed an
 
 import contextlib
 import io
+import json
 import threading
 import time
 
@@ -368,6 +369,17 @@ def test_distill_from_an_api_reports_its_queries_and_stops_at_the_budget(api_url
     r = distill(_cfg(api_url, tmp_path / "b", query_budget=100), progress=False)
     assert r["ended_by"] == "query budget" and r["queries"] <= 100 and r["steps"] < 30
     assert (tmp_path / "b" / "student.safetensors").exists()
+
+
+def test_a_query_budget_that_ends_the_run_first_anneals_it_and_spreads_its_evaluations(
+        api_url, tmp_path):
+    r = distill(_cfg(api_url, tmp_path / "q", budget="10m", query_budget=400), progress=False)
+    assert r["ended_by"] == "query budget"
+    records = [json.loads(line) for line in open(tmp_path / "q" / "metrics.jsonl")]
+    evals = [x["queries"] for x in records if "student_acc" in x]
+    assert len(evals) == 3 and evals[0] < evals[1] < evals[2] <= 400  # at thirds of the queries
+    rates = [x["lr"] for x in records if "lr" in x]
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.02  # from 0.1 toward 0
 
 
 @pytest.mark.parametrize("replay", [0, 2])

@@ -228,6 +228,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             bar.set_postfix(acc=f"{result['acc']:.3f}", refresh=False)
         return result
 
+    def run_progress() -> float:
+        """The share of the budget spent, or of the query budget where that is further on: the
+        learning rate anneals and the evaluations spread over whichever ends the run first."""
+        share = budget.progress(state.step, state.elapsed())
+        if black_box and cfg.query_budget:
+            share = max(share, min(1.0, teacher.paid["train"] / cfg.query_budget))
+        return share
+
     last_ckpt = time.monotonic()
     ended_by = "budget"
     try:
@@ -259,7 +267,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 with torch.no_grad(), crit.capture("teacher"), accel.autocast(device):
                     teacher_logits = teacher(x).float()
                 state.relabel_passes += x.shape[0]
-            progress = budget.progress(state.step, state.elapsed())
+            progress = run_progress()
             cosine_lr(optimizer, base_lr, progress)
             if defense:
                 defense.set_lr(optimizer, progress)
@@ -291,7 +299,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                             "loss": mean_loss,
                                             "lr": optimizer.param_groups[0]["lr"]})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            reached = int(budget.progress(state.step, state.elapsed()) * cfg.eval_points)
+            reached = int(run_progress() * cfg.eval_points)
             if state.evals < reached < cfg.eval_points:  # the final point is logged after the loop
                 state.evals = reached
                 log_eval()
