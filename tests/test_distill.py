@@ -310,6 +310,14 @@ def test_synthesize_records_its_accelerator_setting(digits_teacher, tmp_path):
     assert meta["accel"] == "fp32+channels_last" and meta["samples"] == 16
 
 
+def test_synthesize_chooses_its_method_by_distills_rule(digits_teacher, tmp_path):
+    meta = synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)), num=8,
+                                           out=str(tmp_path / "set"), device="cpu",
+                                           method_options={"batch_size": 8, "steps": 1}),
+                          progress=False)
+    assert meta["method"] == "deepinv" and "MFLOPs per image" in meta["method_choice"]
+
+
 def test_an_unknown_precision_fails_before_any_work(digits_teacher, tmp_path):
     with pytest.raises(DfkdError, match="precision must be one of fp32, bf16, got 'fp16'"):
         distill(_cfg(digits_teacher, tmp_path / "r", precision="fp16"), progress=False)

@@ -7,7 +7,12 @@ from dfkd.commands.bench import resolve_methods, suite_default
 from dfkd.commands.suites import SUITES
 from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
-from dfkd.engine.method_choice import CHEAP_INVERSION_FLOPS, choose_method, inversion_flops
+from dfkd.engine.method_choice import (
+    CHEAP_INVERSION_FLOPS,
+    choose_method,
+    choose_transfer_set_method,
+    inversion_flops,
+)
 from dfkd.models.classifier import InputSpec, load_classifier, new_classifier
 
 
@@ -21,6 +26,9 @@ def test_a_cheap_teacher_gets_deepinv_a_dear_one_nayer_an_api_its_own(digits_tea
     assert choose_method(resnet.eval().requires_grad_(False))[0] == "nayer"
     assert choose_method(BlackBoxTeacher(LocalAPI(teacher)))[0] == "dfme"
     assert choose_method(BlackBoxTeacher(LocalAPI(teacher, access="top1")))[0] == "db3kd"
+    # dfkd synthesize keeps a set: the same rule, and db3kd (not dfme) for an API
+    assert choose_transfer_set_method(teacher)[0] == "deepinv"
+    assert choose_transfer_set_method(BlackBoxTeacher(LocalAPI(teacher)))[0] == "db3kd"
 
 
 def test_the_choice_leaves_the_random_state_alone(digits_teacher):

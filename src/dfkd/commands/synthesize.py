@@ -6,6 +6,7 @@ finished part and produces exactly the set an uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from dfkd.accel import Accel, pick_device
 from dfkd.blackbox.teacher import QueryBudgetSpent, is_black_box
 from dfkd.config import PRECISIONS, TEACHER_SOURCE, TeacherArgs, option, prepare_run_dir
+from dfkd.engine.method_choice import AUTO, choose_transfer_set_method
 from dfkd.errors import DfkdError
 from dfkd.report import save_samples
 from dfkd.synthesis import create_synthesizer
@@ -24,7 +26,8 @@ from dfkd.synthesis.transfer_set import TransferSet
 @dataclass
 class SynthesizeConfig:
     teacher: TeacherArgs = option(factory=TeacherArgs, help=f"teacher: {TEACHER_SOURCE}")
-    method: str = option("deepinv", "a transfer-set method (see `dfkd methods`)")
+    method: str = option(AUTO, "a transfer-set method (see `dfkd methods`); auto: distill's "
+                         "rule, db3kd for any API")
     method_options: dict = option(factory=dict, flag="--set", help="a method option, e.g. "
                                   "--set steps=500 (repeatable)")
     num: int = option(10000, "samples to write (rounded up to whole rounds)")
@@ -45,6 +48,10 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
     accel = Accel.of(cfg)  # a bad setting fails before the teacher is loaded
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
+    choice = None
+    if cfg.method == AUTO:
+        method, why = choose_transfer_set_method(teacher)
+        cfg, choice = dataclasses.replace(cfg, method=method), why
     synth = create_synthesizer(cfg.method, teacher, cfg.method_options, cfg.seed)
     black_box = is_black_box(teacher)
     if not black_box:
@@ -74,7 +81,7 @@ def synthesize_set(cfg: SynthesizeConfig, *, resume: bool = False, progress: boo
         meta = {"method": cfg.method, "teacher": str(cfg.teacher.path), "seed": cfg.seed,
                 "spec": teacher.spec.to_json(), "samples": len(tset), "parts": len(tset.parts),
                 "teacher_passes": synth.teacher_passes, "seconds": round(seconds, 3),
-                "accel": accel.label,
+                "accel": accel.label, **({"method_choice": choice} if choice else {}),
                 "method_options": dict(vars(synth.opts)),
                 **({**teacher.report(), "queries_state": teacher.query_state()}
                    if black_box else {})}

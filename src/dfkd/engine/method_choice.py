@@ -40,3 +40,10 @@ def choose_method(teacher) -> tuple[str, str]:
     flops = inversion_flops(teacher)
     method = CHEAP if flops <= CHEAP_INVERSION_FLOPS else DEAR
     return method, f"an inversion step costs {flops / 1e6:.1f} MFLOPs per image"
+
+
+def choose_transfer_set_method(teacher) -> tuple[str, str]:
+    """`auto` for `dfkd synthesize`, which keeps a set: the same rule, with db3kd (the black-box
+    method that keeps one) for every API, dfme keeping none."""
+    method, why = choose_method(teacher)
+    return ("db3kd", why) if getattr(teacher, "access", None) else (method, why)
