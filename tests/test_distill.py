@@ -237,6 +237,17 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digit
     assert (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+def test_a_learning_rate_of_zero_or_less_is_an_error_not_the_default():
+    from dfkd.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for lr in (0.0, -0.1):
+        with pytest.raises(DfkdError, match=f"--lr must be positive, got {lr}"):
+            make_optimizer("sgd", params, lr, 0.0)
+    assert make_optimizer("sgd", params, None, 0.0).param_groups[0]["lr"] == 0.1
+    assert make_optimizer("adam", params, 0.01, 0.0).param_groups[0]["lr"] == 0.01
+
+
 def test_eval_dataset_that_does_not_fit_the_teacher(digits_teacher, tmp_path):
     from PIL import Image
 

@@ -12,6 +12,8 @@ from dfkd.errors import DfkdError
 def make_optimizer(name: str, params, lr: float | None, weight_decay: float):
     """The student's optimizer. SGD at 0.1 is the default of every method: it beat Adam at 1e-3
     for every method measured, on mnist and digits (BENCHMARKS.md, "The student's recipe")."""
+    if lr is not None and not lr > 0:
+        raise DfkdError(f"--lr must be positive, got {lr}")
     if name == "adam":
         return torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
     if name == "sgd":
