@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dfkd.cli import main
 from dfkd.config import DistillConfig
@@ -55,6 +56,16 @@ def test_train_distill_synthesize_evaluate(capsys, tmp_path, digits_teacher):
     result = json.loads(out)
     assert result["acc"] == pytest.approx(report["student_acc"])
     assert result["agreement"] == pytest.approx(report["agreement"])
+    # the same teacher as a bare state dict, the way other projects publish weights
+    from dfkd.models.classifier import load_classifier
+
+    teacher = load_classifier(digits_teacher)
+    torch.save({"state_dict": teacher.net.state_dict()}, tmp_path / "bare.pth")
+    spec = [",".join(map(str, v)) for v in (teacher.spec.mean, teacher.spec.std)]
+    out = _ok(capsys, "evaluate", "--model", str(s), "--teacher", str(tmp_path / "bare.pth"),
+              "--teacher-arch", "digits_cnn", "--teacher-mean", spec[0], "--teacher-std", spec[1],
+              "--json")
+    assert json.loads(out)["agreement"] == pytest.approx(report["agreement"])
 
     ts = tmp_path / "set"
     out = _ok(capsys, "synthesize", "--teacher", str(digits_teacher), "--set", "steps=2",

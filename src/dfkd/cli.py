@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--teacher", default=None, help="also report agreement with this teacher (a "
                    "black-box API's URL too)")
+    p.add_argument("--teacher-arch", default=None, help="the teacher's architecture, for weights "
+                   "that do not say (as --arch for --model)")
+    p.add_argument("--teacher-mean", type=_parse_as(list[float]), default=None,
+                   help="the teacher's normalization mean, for weights that carry no spec")
+    p.add_argument("--teacher-std", type=_parse_as(list[float]), default=None,
+                   help="the teacher's normalization std, for weights that carry no spec")
     p.add_argument("--trigger", default=None, metavar="SPEC", help="also report the attack "
                    "success rate of this backdoor trigger, e.g. badnets:target=0 (dfkd.backdoor)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -323,7 +329,9 @@ def _evaluate(args) -> None:
     if args.teacher:
         from dfkd.config import TeacherArgs
 
-        ref = predict_logits(TeacherArgs(path=args.teacher).load(), data.x)
+        teacher = TeacherArgs(path=args.teacher, arch=args.teacher_arch,
+                              mean=args.teacher_mean, std=args.teacher_std)
+        ref = predict_logits(teacher.load(), data.x)
     result = {"dataset": dataset, "split": args.split, "samples": len(data.y),
               **metrics(predict_logits(model, data.x), data.y, ref)}
     if args.trigger:
