@@ -49,10 +49,11 @@ def _parse_as(kind) -> object:
     return kind
 
 
-def add_options(p: argparse.ArgumentParser, cls) -> None:
+def add_options(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     """One flag per field of the config dataclass `cls` declared with `config.option`, named,
-    typed and explained by the field alone. A field holding a TeacherArgs is the flag for its
-    path (`--teacher`, `--model`) plus TeacherArgs' own; a dict field takes KEY=VALUE, repeated."""
+    typed and explained by the field alone (`prefix` before each name: `--teacher-arch`). A field
+    holding a TeacherArgs is the flag for its path (`--teacher`, `--model`) plus TeacherArgs'
+    own; a dict field takes KEY=VALUE, repeated."""
     from dfkd.config import TeacherArgs
 
     hints = typing.get_type_hints(cls)
@@ -62,8 +63,9 @@ def add_options(p: argparse.ArgumentParser, cls) -> None:
             continue
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
                     hints[f.name])
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": S, "help": _with_default(meta["help"], f)}
+        name = prefix + f.name
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        kw = {"dest": name, "default": S, "help": _with_default(meta["help"], f)}
         if kind is TeacherArgs:
             p.add_argument(flag, required=True, help=meta["help"])
             add_options(p, TeacherArgs)
@@ -168,12 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--teacher", default=None, help="also report agreement with this teacher (a "
                    "black-box API's URL too)")
-    p.add_argument("--teacher-arch", default=None, help="the teacher's architecture, for weights "
-                   "that do not say (as --arch for --model)")
-    p.add_argument("--teacher-mean", type=_parse_as(list[float]), default=None,
-                   help="the teacher's normalization mean, for weights that carry no spec")
-    p.add_argument("--teacher-std", type=_parse_as(list[float]), default=None,
-                   help="the teacher's normalization std, for weights that carry no spec")
+    add_options(p, TeacherArgs, prefix="teacher_")  # --teacher-arch, ...: as --arch for --model
     p.add_argument("--trigger", default=None, metavar="SPEC", help="also report the attack "
                    "success rate of this backdoor trigger, e.g. badnets:target=0 (dfkd.backdoor)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -206,11 +203,11 @@ def _flags(args, cls) -> dict:
     return flags
 
 
-def _teacher_args(args, dest: str):
+def _teacher_args(args, dest: str, prefix: str = ""):
     from dfkd.config import TeacherArgs
 
     return TeacherArgs(path=getattr(args, dest), **{
-        f.name: getattr(args, f.name, None) for f in dataclasses.fields(TeacherArgs)
+        f.name: getattr(args, prefix + f.name, None) for f in dataclasses.fields(TeacherArgs)
         if f.name != "path"})
 
 
@@ -327,11 +324,7 @@ def _evaluate(args) -> None:
     data = load_eval_data(dataset, model, args.data_root, args.split)
     ref = None
     if args.teacher:
-        from dfkd.config import TeacherArgs
-
-        teacher = TeacherArgs(path=args.teacher, arch=args.teacher_arch,
-                              mean=args.teacher_mean, std=args.teacher_std)
-        ref = predict_logits(teacher.load(), data.x)
+        ref = predict_logits(_teacher_args(args, "teacher", prefix="teacher_").load(), data.x)
     result = {"dataset": dataset, "split": args.split, "samples": len(data.y),
               **metrics(predict_logits(model, data.x), data.y, ref)}
     if args.trigger:

@@ -119,8 +119,8 @@ class ABD:
 
     def stored_suspects(self, batch: dict) -> torch.Tensor:
         """The suspect flags of a stored set's samples (by `index`), each judged once, as
-        stored: a set's samples do not change, so the shuffled
-        teachers need not see every view of them."""
+        stored: a set's samples do not change, so the shuffled teachers need not see every view
+        of them."""
         index = batch["index"].cpu()
         if int(index.max()) >= len(self.flags):
             grown = torch.full((int(index.max()) + 1,), -1, dtype=torch.int8)
@@ -164,16 +164,16 @@ class ABD:
         for group in optimizer.param_groups:
             group["lr"] = min(group["lr"], self.opts.sr_lr * 0.5 * (1 + math.cos(math.pi * into)))
 
-    def _scale(self, teacher: Classifier, x: torch.Tensor) -> torch.Tensor:
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels per unit of the teacher's normalized input (its std), shaped to broadcast over
         x: the surrogate lives in normalized units, as in the authors' code."""
-        std = torch.tensor(teacher.spec.std, dtype=x.dtype, device=x.device)
+        std = torch.tensor(self.teacher.spec.std, dtype=x.dtype, device=x.device)
         return std.view(1, -1, *([1] * (x.dim() - 2)))
 
     def trigger_surrogate(self, teacher: Classifier, x: torch.Tensor) -> torch.Tensor:
         """One perturbation for the whole batch that most changes the teacher's output, in
         normalized units."""
-        t, scale = self.opts.sr_temperature, self._scale(teacher, x)
+        t, scale = self.opts.sr_temperature, self._scale(x)
         with torch.no_grad():
             clean = teacher(x).float()
         delta = torch.zeros_like(x[:1], requires_grad=True)
@@ -190,7 +190,7 @@ class ABD:
         """Add to the student's gradients the hypergradient of unlearning the teacher's trigger
         surrogate (I-BAU's fixed point, 5 iterations): call after the loss's backward."""
         delta = self.trigger_surrogate(teacher, x).requires_grad_(True)
-        scale = self._scale(teacher, x)
+        scale = self._scale(x)
         weights = [p for p in student.parameters() if p.requires_grad]
         t = self.opts.sr_temperature
         with torch.no_grad():
