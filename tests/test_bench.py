@@ -242,13 +242,25 @@ def test_cli_bench(capsys, tmp_path):
     assert "METHOD.KEY=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, message", [
+    ("batch_size", "METHOD.KEY=VALUE"), ("deepinvv.steps", "'deepinvv' is neither a method nor"),
+    ("abd.", "METHOD.KEY=VALUE")])
+def test_a_set_key_that_no_row_reads_is_an_error_before_any_run(tmp_path, key, message):
+    cfg = _cfg(tmp_path, method_options={key: "1"})
+    with pytest.raises(DfkdError, match=message):
+        run_bench(cfg, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_poisoned_suite_reports_attack_success_and_defended_rows(tmp_path):
     """--poison trains the suite's teachers with the trigger (their own cache entry) and
     measures ASR in every run; METHOD+abd is the same method under the ABD defence."""
     cfg = _cfg(tmp_path, methods="noise,noise+abd", poison="badnets:target=0")
+    cfg.method_options["abd.sr_share"] = "0.5"  # a defence option reaches the +abd rows only
     records = run_bench(cfg, progress=False)
     rows = {r["method"]: r for r in records}
     assert set(rows) == {"kd_real", "scratch_real", "noise", "noise+abd"}
+    assert rows["noise+abd"]["defense_options"]["sr_share"] == 0.5
     assert all("error" not in r and 0 <= r["student_asr"] <= 1 for r in records)
     assert len({r["teacher_asr"] for r in records}) == 1  # one poisoned teacher per seed
     assert rows["noise+abd"]["defense"] == "abd" and "defense" not in rows["noise"]

@@ -304,12 +304,7 @@ def _bench(args, progress: bool, command: str) -> None:
         return
     from dfkd.commands.bench import BenchConfig, run_bench
 
-    flags = _flags(args, BenchConfig)
-    bad = [k for k in flags.get("method_options", {}) if "." not in k]
-    if bad:
-        raise DfkdError(f"bench --set takes METHOD.KEY=VALUE (e.g. deepinv.steps=100), got "
-                        f"'{bad[0]}'")
-    cfg = _config(BenchConfig, args, flags)
+    cfg = _config(BenchConfig, args, _flags(args, BenchConfig))
     run_bench(cfg, progress=progress, command=command)
     print(f"results in {cfg.out}: results.json, results.md, curves.png, passes.png")
 

@@ -28,6 +28,7 @@ from dfkd.blackbox.wire import ACCESS
 from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import (
+    DEFENSES,
     SCHEDULES,
     STUDENT_INITS,
     Budget,
@@ -74,7 +75,9 @@ class BenchConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     eval_points: int = option(10, "evaluations spread evenly over each budget")
     method_options: dict = option(factory=dict, flag="--set", metavar="METHOD.KEY=VALUE",
-                                  help="a method option, e.g. --set deepinv.steps=100")
+                                  help="a method option, e.g. --set deepinv.steps=100, or a "
+                                  "defence option of the METHOD+abd rows, e.g. --set "
+                                  "abd.sr_share=0.5")
     loss: str = option("", "the student's loss for every data-free method (default: each "
                        "method's own); the anchors keep theirs, so the ceiling stays the same",
                        metavar="{kd,l1,at,fa,crd}")
@@ -168,12 +171,30 @@ def resolve_methods(spec: str, default: str = "") -> list[str]:
     return list(dict.fromkeys([*ANCHORS, *names]))
 
 
+def check_set_keys(method_options: dict) -> None:
+    """Every --set key names a method or a defence, so a typo is an error, not an option that
+    no row reads."""
+    targets = [*list_methods(anchors=True), *DEFENSES[1:]]
+    for key in method_options:
+        target, _, name = key.partition(".")
+        if not name:
+            raise DfkdError(f"bench --set takes METHOD.KEY=VALUE (e.g. deepinv.steps=100), got "
+                            f"'{key}'")
+        if target not in targets:
+            raise DfkdError(f"bench --set {key}: '{target}' is neither a method nor a defence; "
+                            f"choose one of: {', '.join(targets)}")
+
+
+def _set_options(cfg: BenchConfig, target: str) -> dict:
+    """The --set TARGET.KEY=VALUE options of one method or defence, as KEY -> VALUE."""
+    return {k.partition(".")[2]: v for k, v in cfg.method_options.items()
+            if k.partition(".")[0] == target}
+
+
 def options_for(entry: str, cfg: BenchConfig, suite: Suite) -> dict:
     """--set METHOD.KEY=VALUE options, then the entry's own; anchors get the suite's data."""
     method, own, *_ = parse_entry(entry)
-    opts = {k.split(".", 1)[1]: v for k, v in cfg.method_options.items()
-            if k.split(".", 1)[0] == method}
-    opts.update(own)
+    opts = {**_set_options(cfg, method), **own}
     if method_class(method).uses_real_data:
         opts.setdefault("dataset", suite.dataset)
         if cfg.data_root:
@@ -230,6 +251,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                         "(its anchors and evaluation use the real data)")
     if cfg.seeds < 1:
         raise DfkdError(f"--seeds must be at least 1, got {cfg.seeds}")
+    check_set_keys(cfg.method_options)
     # before any run: a missing published file is one line, not one failed record per run
     published = published_teacher(cfg, suite) if suite.published else None
     methods = resolve_methods(cfg.methods, suite_default(suite) if "default" in cfg.methods
@@ -254,6 +276,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
         method_name, _, update, defense = parse_entry(method)
         dcfg = DistillConfig(teacher=teacher, method=method_name,
                              update=update, defense=defense, eval_trigger=cfg.poison,
+                             defense_options=_set_options(cfg, defense),
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
