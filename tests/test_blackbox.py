@@ -341,6 +341,41 @@ def test_dfme_replay_trains_on_remembered_answers_without_a_query(model):
         DFME(BlackBoxTeacher(api), DFME.Options(replay=-1), seed=0)
 
 
+def test_dfme_balanced_replay_draws_the_classes_evenly(model):
+    opts = DFME.Options(batch_size=200, nz=16, ngf=8, replay=1, memory=1000, balanced=True)
+    synth = DFME(BlackBoxTeacher(Counting(model)), opts, seed=0)
+    answers = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)  # a memory of 90%, 9% and 1%
+    synth.memory = {"x": torch.rand(1000, *model.spec.shape).half(),
+                    "target_logits": torch.nn.functional.one_hot(answers, 10).float()}
+    synth.remembered = 1000
+    drawn = synth.replayed(torch.Generator().manual_seed(0))["target_logits"].argmax(1)
+    counts = torch.bincount(drawn, minlength=3)[:3]
+    # uniform draws would give about 180, 18 and 2; without replacement, so no sample twice
+    assert counts.sum() == 200 and counts[1] >= 60 and counts[2] >= 8
+
+
+def test_dfme_diversity_steers_g_toward_classes_the_student_rarely_sees(model):
+    """The class-diversity gradient is the student's, white box: no query, no student grad,
+    and a G step along it raises the entropy of the student's mean answer."""
+    from dfkd.models.classifier import new_classifier
+
+    api = Counting(model)
+    student = new_classifier("digits_cnn_quarter", model.spec)
+    synth = DFME(BlackBoxTeacher(api), DFME.Options(batch_size=32, nz=16, ngf=8), seed=0)
+    g = synth.G(synth.latent(torch.Generator().manual_seed(1), 32)).detach()
+
+    def entropy(g):
+        with torch.no_grad():
+            mean = student.eval()(synth.pixels(g)).softmax(1).mean(0)
+        return -(mean * mean.log()).sum()
+
+    grad = synth.diversity_gradient(student, g)
+    assert api.sent == [] and all(p.grad is None for p in student.parameters())
+    assert entropy(g - 0.5 * grad / grad.norm()) > entropy(g)
+    with pytest.raises(DfkdError, match="diversity must be >= 0"):
+        DFME(BlackBoxTeacher(api), DFME.Options(diversity=-1.0), seed=0)
+
+
 # ---- distillation from an API on loopback ------------------------------------------------------
 
 @pytest.fixture(scope="module")
