@@ -164,7 +164,7 @@ class ABD:
         for group in optimizer.param_groups:
             group["lr"] = min(group["lr"], self.opts.sr_lr * 0.5 * (1 + math.cos(math.pi * into)))
 
-    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+    def pixel_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels per unit of the teacher's normalized input (its std), shaped to broadcast over
         x: the surrogate lives in normalized units, as in the authors' code."""
         std = torch.tensor(self.teacher.spec.std, dtype=x.dtype, device=x.device)
@@ -173,7 +173,7 @@ class ABD:
     def trigger_surrogate(self, teacher: Classifier, x: torch.Tensor) -> torch.Tensor:
         """One perturbation for the whole batch that most changes the teacher's output, in
         normalized units."""
-        t, scale = self.opts.sr_temperature, self._scale(x)
+        t, scale = self.opts.sr_temperature, self.pixel_scale(x)
         with torch.no_grad():
             clean = teacher(x).float()
         delta = torch.zeros_like(x[:1], requires_grad=True)
@@ -190,7 +190,7 @@ class ABD:
         """Add to the student's gradients the hypergradient of unlearning the teacher's trigger
         surrogate (I-BAU's fixed point, 5 iterations): call after the loss's backward."""
         delta = self.trigger_surrogate(teacher, x).requires_grad_(True)
-        scale = self._scale(x)
+        scale = self.pixel_scale(x)
         weights = [p for p in student.parameters() if p.requires_grad]
         t = self.opts.sr_temperature
         with torch.no_grad():
