@@ -15,36 +15,20 @@ poisoned teacher is the bench's (`dfkd bench --poison`, cached), as in vaccine_d
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from poisoned_suite import parser, poisoned_suite
 
-from dfkd.backdoor import Trigger
-from dfkd.commands.bench import SUITES, BenchConfig, published_teacher, suite_teacher
-from dfkd.evaluate import load_eval_data
 from dfkd.student.defense import ABD, ABDOptions
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="digits", choices=sorted(SUITES))
-    ap.add_argument("--poison", default="badnets:target=0")
-    ap.add_argument("--data-root", default="")
-    ap.add_argument("--models-root", default="../shared/models/cifar10")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", default="10,50")
     args = ap.parse_args()
-    suite = SUITES[args.suite]
-    cfg = BenchConfig(suite=args.suite, poison=args.poison, data_root=args.data_root,
-                      models_root=args.models_root)
-    published = published_teacher(cfg, suite) if suite.published else None
-    teacher = suite_teacher(cfg, suite, args.seed, False, published).load()
-    teacher = teacher.eval().requires_grad_(False)
-    data = load_eval_data(suite.dataset, teacher, args.data_root or None)
+    teacher, data, trigger = poisoned_suite(args)
     x = data.x[torch.randperm(len(data.x), generator=torch.Generator().manual_seed(args.seed))
                [:args.batch]]
-    trigger = Trigger.parse(args.poison)
     displacement = (trigger.stamp(x) - x).mean(0).flatten()
     k = teacher.spec.num_classes
     print(f"{args.suite}, {args.poison}, {len(x)} clean test images")

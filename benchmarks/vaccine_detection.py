@@ -16,14 +16,10 @@ fine-tuned once and cached, as `dfkd bench --poison` does).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
+from poisoned_suite import parser, poisoned_suite
 
-from dfkd.backdoor import Trigger
-from dfkd.commands.bench import SUITES, BenchConfig, published_teacher, suite_teacher
-from dfkd.evaluate import load_eval_data
 from dfkd.student.defense import ABD, ABDOptions
 
 
@@ -33,22 +29,10 @@ def divergence(shuffled: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="digits", choices=sorted(SUITES))
-    ap.add_argument("--poison", default="badnets:target=0")
-    ap.add_argument("--data-root", default="")
-    ap.add_argument("--models-root", default="../shared/models/cifar10")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__)
     ap.add_argument("--layers", default="1,3,5,9")
     args = ap.parse_args()
-    suite = SUITES[args.suite]
-    cfg = BenchConfig(suite=args.suite, poison=args.poison, data_root=args.data_root,
-                      models_root=args.models_root)
-    published = published_teacher(cfg, suite) if suite.published else None
-    teacher = suite_teacher(cfg, suite, args.seed, False, published).load()
-    teacher = teacher.eval().requires_grad_(False)
-    data = load_eval_data(suite.dataset, teacher, args.data_root or None)
-    trigger = Trigger.parse(args.poison)
+    teacher, data, trigger = poisoned_suite(args)
     x, y = data.x, data.y
     stamped = trigger.stamp(x[y != trigger.target])
     with torch.no_grad():
