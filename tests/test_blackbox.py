@@ -516,9 +516,10 @@ def test_db3kd_finds_a_known_boundary_and_labels_by_decisions_alone():
     assert moved.mean() < 0.45  # away from the boundary, still class 0
 
 
-def test_db3kd_distills_from_a_top1_api(model, tmp_path):
+@pytest.mark.parametrize("budget", ["20steps", "3s"])  # a wall clock crashed after round 1
+def test_db3kd_distills_from_a_top1_api(model, tmp_path, budget):
     with serving(create_app(model, "top1")) as url:
-        r = distill(_cfg(url, tmp_path / "d", method="db3kd", budget="20steps",
+        r = distill(_cfg(url, tmp_path / "d", method="db3kd", budget=budget,
                          method_options={"batch_size": 20, "moves": 1, "directions": 2,
                                          "anchors": 2, "bisections": 3}), progress=False)
     assert r["teacher_access"] == "top1" and r["queries"] > 0 and r["samples"] >= 20

@@ -184,9 +184,9 @@ class Schedule:
 
     def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: RunState):
         self.plan, self.state, self.budget = Plan(**state.plan), state, budget
+        self.unit = state.costs["unit"]  # "none": a fixed plan, nothing measured to re-plan by
         self.replan = (cfg.schedule == "planned" and budget.seconds is not None
-                       and cfg.steps_per_round is None)
-        self.unit = state.costs["unit"]
+                       and cfg.steps_per_round is None and self.unit != "none")
         size_key, steps_key = synth.round_options
         setattr(synth.opts, size_key, self.plan.batch_size)
         setattr(synth.opts, steps_key, self.plan.steps)
