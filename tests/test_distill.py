@@ -127,6 +127,15 @@ def test_killed_run_resumes_exactly_with_lra(digits_teacher, tmp_path, monkeypat
                             update_options={"every": 5, "memory": 3})
 
 
+def test_killed_run_resumes_exactly_with_trigger_reversal(digits_teacher, tmp_path, monkeypatch):
+    """The triggers the nc defence found (searched at step 6) and its stamping draws resume
+    with the student (killed at step 17); every class flagged, so every batch is stamped."""
+    _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, "training", method="deepinv",
+                            method_options=small_options("deepinv"), defense="nc",
+                            defense_options={"start": 0.2, "steps": 10, "samples": 8,
+                                             "success": 0.1, "threshold": -1e9})
+
+
 def _assert_resumes_exactly(digits_teacher, tmp_path, monkeypatch, where, **kw):
     full = distill(_cfg(digits_teacher, tmp_path / "full", **kw), progress=False)
 

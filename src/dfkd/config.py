@@ -29,7 +29,7 @@ FIXED_STEPS_PER_ROUND = 200
 # moves them (dfkd.student.update), here for the same reason
 STUDENT_INITS = ("auto", "random", "teacher")
 UPDATES = ("plain", "lra")
-DEFENSES = ("none", "abd")  # backdoor defences of the student (dfkd.student.defense)
+DEFENSES = ("none", "abd", "nc")  # backdoor defences of the student (dfkd.student.defense)
 
 
 
@@ -163,8 +163,9 @@ class DistillConfig:
     update_options: dict = option(factory=dict, flag="--update-set", help="a student-update "
                                   "option, e.g. --update-set memory=20 (repeatable)")
     defense: str = option("none", "a backdoor defence for the student: abd (Hong et al. 2023: "
-                          "shuffling vaccine and self-retrospection; the student then starts "
-                          "random, never from the teacher's weights)", choices=DEFENSES)
+                          "shuffling vaccine and self-retrospection) or nc (trigger reversal "
+                          "and unlearning, after Neural Cleanse); the student then starts "
+                          "random, never from the teacher's weights", choices=DEFENSES)
     defense_options: dict = option(factory=dict, flag="--defense-set", help="a defence option, "
                                    "e.g. --defense-set sv_weight=0.2 (repeatable)")
     batch_size: int = option(256, "student minibatch")

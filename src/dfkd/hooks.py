@@ -4,6 +4,7 @@ are put on: the head, the BatchNorm layers, the output of each spatial stage."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,16 @@ def dummy_forward(net: nn.Module, shape: tuple[int, ...], device: torch.device) 
     """One eval-mode forward pass of two zero inputs: what shape discovery by hooks runs."""
     with eval_mode(net):
         net(torch.zeros((2, *shape), device=device))
+
+
+def hookless_copy(net: nn.Module) -> nn.Module:
+    """A deep copy of `net` without the forward hooks a method put on it (a BatchNorm prior
+    would otherwise run, and collect, on every forward of the copy)."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return net
 
 
 def head_path(net: nn.Module, why: str) -> str:

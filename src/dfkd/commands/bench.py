@@ -76,8 +76,8 @@ class BenchConfig:
     eval_points: int = option(10, "evaluations spread evenly over each budget")
     method_options: dict = option(factory=dict, flag="--set", metavar="METHOD.KEY=VALUE",
                                   help="a method option, e.g. --set deepinv.steps=100, or a "
-                                  "defence option of the METHOD+abd rows, e.g. --set "
-                                  "abd.sr_share=0.5")
+                                  "defence option of the METHOD+abd or METHOD+nc rows, "
+                                  "e.g. --set abd.sr_share=0.5")
     loss: str = option("", "the student's loss for every data-free method (default: each "
                        "method's own); the anchors keep theirs, so the ceiling stays the same",
                        metavar="{kd,l1,at,fa,crd}")
@@ -88,7 +88,8 @@ class BenchConfig:
     poison: str = option("", "a backdoor trigger (dfkd.backdoor, e.g. badnets:target=0): every "
                          "suite teacher is poisoned with it (trained so, or a published one "
                          "fine-tuned so), and every run reports teacher and student attack "
-                         "success; METHOD+abd rows defend against it", metavar="SPEC")
+                         "success; METHOD+abd and METHOD+nc rows defend against it",
+                         metavar="SPEC")
     access: str = option("", "black-box rows: every data-free method that can use a teacher "
                          "API at this access level (soft, topk, top1) distills from the suite "
                          "teacher behind `dfkd serve` on loopback; the others run on its weights "
@@ -125,21 +126,22 @@ def split_variant(entry: str) -> tuple[str, dict]:
 
 def parse_entry(entry: str) -> tuple[str, dict, str, str]:
     """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra', 'none'): the method, its
-    options, the student update (`+lra`; plain without) and the backdoor defence (`+abd`; none
-    without), checked."""
+    options, the student update (`+lra`; plain without) and the backdoor defence (`+abd` or
+    `+nc`; none without), checked."""
     name, opts = split_variant(entry)
     method, *suffixes = name.split("+")
     cls = method_class(method)  # one-line error listing the methods
-    unknown = [s for s in suffixes if s not in ("lra", "abd")] or \
-        (suffixes if len(set(suffixes)) < len(suffixes) else [])
+    defenses = [s for s in suffixes if s in DEFENSES[1:]]
+    unknown = [s for s in suffixes if s != "lra" and s not in DEFENSES[1:]] or \
+        (suffixes if len(set(suffixes)) < len(suffixes) or len(defenses) > 1 else [])
     if unknown:
         raise DfkdError(f"bad method entry '{entry}'; the suffixes are +lra (student update) "
-                        "and +abd (backdoor defence)")
+                        f"and one backdoor defence: {', '.join('+' + d for d in DEFENSES[1:])}")
     if "lra" in suffixes and cls.family != "online":
         raise DfkdError(f"'{entry}': +lra needs an online method ({online_methods()}), not the "
                         f"{cls.family} method '{method}'")
     return (method, opts, "lra" if "lra" in suffixes else "plain",
-            "abd" if "abd" in suffixes else "none")
+            defenses[0] if defenses else "none")
 
 
 def suite_default(suite: Suite) -> str:

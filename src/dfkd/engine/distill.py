@@ -271,10 +271,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             cosine_lr(optimizer, base_lr, progress)
             if defense:
                 defense.set_lr(optimizer, progress)
+                x = defense.inputs(x, progress, gen)
             student.train()
             if update:
                 loss = update.loss(crit, student, teacher, x, teacher_logits, gen, state.step)
-            elif defense:
+            elif defense and defense.weighs_loss:
                 loss = defense.student_loss(crit, student, x, teacher_logits, batch)
             else:
                 loss = student_loss(crit, student, x, teacher_logits, batch, gen,
@@ -286,8 +287,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                                 "state is checkpointed)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if defense and defense.retrospecting(progress):
-                defense.retrospect(student, teacher, x, gen)
+            if defense:
+                defense.after_backward(student, teacher, x, gen, progress)
             optimizer.step()
             state.record_loss(loss.item())
             state.train_seconds += time.perf_counter() - t0 - \

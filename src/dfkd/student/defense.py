@@ -1,8 +1,11 @@
 """Backdoor defences for the student (`dfkd distill --defense`): a teacher with a backdoor hands
 it to a data-free student, because synthetic samples reach the regions the trigger controls.
 
-`abd`: Anti-Backdoor Data-free KD (Hong et al., ICML 2023; the authors' code, illidanlab/ABD).
-Neither part ever sees a trigger.
+A defence may change the student's batch (`inputs`), weigh its loss (`student_loss`, where
+`weighs_loss`), add to its gradients (`after_backward`) and cap its learning rate (`set_lr`);
+none ever sees a trigger. `nc`, trigger reversal and unlearning, is in
+dfkd.student.trigger_reversal. `abd`, here: Anti-Backdoor Data-free KD (Hong et al., ICML 2023;
+the authors' code, illidanlab/ABD), in two parts:
 
 - Shuffling vaccine (SV). Backdoor behaviour rests on few channels, so a copy of the teacher
   whose last convolutions read their input channels in a random order loses its clean accuracy
@@ -42,7 +45,6 @@ Departures from the authors' code, each for a reason:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -51,10 +53,11 @@ from torch import nn
 
 from dfkd.config import DEFENSES
 from dfkd.errors import DfkdError
-from dfkd.hooks import head_path
+from dfkd.hooks import head_path, hookless_copy
 from dfkd.losses import kd_loss
 from dfkd.models.classifier import Classifier
 from dfkd.options import build_options
+from dfkd.student.trigger_reversal import ReversalOptions, TriggerReversal
 
 
 @dataclass
@@ -73,10 +76,7 @@ class ABDOptions:
 def shuffled_copy(teacher: Classifier, layers: int, gen: torch.Generator) -> Classifier:
     """A copy of the teacher whose last `layers` convolutions (else linear layers before the
     head) take their input channels in a random order; hooks are not copied."""
-    net = copy.deepcopy(teacher.net)
-    for m in net.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
+    net = hookless_copy(teacher.net)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)]
     if not convs:
         head = head_path(net, "abd shuffles the layers before the head")
@@ -96,6 +96,7 @@ class ABD:
     """The ABD defence of one run: its shuffled teachers and its counters."""
 
     name = "abd"
+    weighs_loss = True  # its own student loss (the vaccine's)
 
     def __init__(self, opts: ABDOptions, teacher: Classifier, seed: int):
         if opts.copies < 1 or opts.layers < 1 or opts.sr_steps < 1:
@@ -152,6 +153,14 @@ class ABD:
                 away = torch.minimum(away, crit(uniform, teacher_logits[suspects], {}).detach())
             loss = loss - self.opts.sv_weight * away
         return loss
+
+    def inputs(self, x: torch.Tensor, progress: float, gen: torch.Generator) -> torch.Tensor:
+        return x
+
+    def after_backward(self, student: Classifier, teacher: Classifier, x: torch.Tensor,
+                       gen: torch.Generator, progress: float) -> None:
+        if self.retrospecting(progress):
+            self.retrospect(student, teacher, x, gen)
 
     def retrospecting(self, progress: float) -> bool:
         return progress >= 1 - self.opts.sr_share
@@ -235,17 +244,19 @@ class ABD:
 
 
 def create_defense(name: str, options: dict, teacher: Classifier, loss: str, update,
-                   seed: int) -> ABD | None:
+                   seed: int) -> ABD | TriggerReversal | None:
     """The run's backdoor defence, or None."""
     if name not in DEFENSES:
         raise DfkdError(f"unknown defence '{name}'; choose one of: {', '.join(DEFENSES)}")
     if name == "none":
         if options:
-            raise DfkdError("--defense-set needs --defense abd")
+            raise DfkdError("--defense-set needs --defense abd or nc")
         return None
+    if update is not None:
+        raise DfkdError(f"--defense {name} takes the student's step; use it with --update plain")
+    if name == "nc":
+        return TriggerReversal(build_options(ReversalOptions, options, "defence 'nc'"), teacher)
     if loss not in ("kd", "l1"):
         raise DfkdError(f"--defense abd weighs the student's loss per sample, which kd and l1 "
                         f"allow; this run's loss is '{loss}' (set --loss kd)")
-    if update is not None:
-        raise DfkdError("--defense abd takes the student's step; use it with --update plain")
     return ABD(build_options(ABDOptions, options, "defence 'abd'"), teacher, seed)
