@@ -6,8 +6,9 @@ transfer set) trains on for `--steps` steps on that set: KD to the teacher on ea
 ABD's consistency term on a share `--rows` of it, the student's answer on the perturbed rows
 pulled toward its own answer on the clean ones (temperature 20). The perturbation is the true
 trigger (an oracle, for diagnosis only: the defence never sees the trigger), ABD's dense
-surrogate (`ABD.trigger_surrogate`, recomputed every step), or none (the control: the same
-steps without the term). Clean accuracy and ASR on the suite's test images after 100 and
+surrogate (`ABD.trigger_surrogate`, recomputed every step), the triggers the `nc` defence's
+search flags on 64 samples of the set (`reversed`, the mask scaled by each `--strengths`), or
+none (the control: the same steps without the term). Clean accuracy and ASR on the suite's test images after 100 and
 `--steps` steps.
 
     python benchmarks/unlearning_oracle.py --teacher runs/t-digits-badnets --run runs/abd/none \\
@@ -27,6 +28,7 @@ from dfkd.evaluate import load_eval_data
 from dfkd.losses import kd_loss
 from dfkd.models.classifier import load_classifier
 from dfkd.student.defense import ABD, ABDOptions
+from dfkd.student.trigger_reversal import ReversalOptions, TriggerReversal
 
 
 def main() -> None:
@@ -39,7 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lrs", default="0.0005,0.01")
     ap.add_argument("--rows", default="0.02,0.5")
-    ap.add_argument("--kinds", default="none,trigger,dense")
+    ap.add_argument("--kinds", default="none,trigger,dense,reversed")
+    ap.add_argument("--strengths", default="1,3")
     args = ap.parse_args()
     teacher = load_classifier(args.teacher).eval().requires_grad_(False)
     parts = sorted(glob.glob(f"{args.run}/transfer_set/part-*.safetensors"))
@@ -57,10 +60,20 @@ def main() -> None:
 
     print(f"{len(pool)} stored samples; the student before: clean acc, ASR "
           f"{measure(load_classifier(args.run))}")
+    found = []
+    if "reversed" in args.kinds:
+        search = TriggerReversal(ReversalOptions(), teacher)
+        search.search(pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))])
+        found = search.flagged()
+        print("reversed triggers flagged:", [(r.shape, cls, round(float(r.sizes[cls]), 4))
+                                             for r, cls in found])
+    kinds = [k for k in args.kinds.split(",") if k != "reversed" or found]
+    kinds = [f"{k}x{s}" if k == "reversed" else k for k in kinds
+             for s in (args.strengths.split(",") if k == "reversed" else [""])]
     print("| perturbation | student lr | rows | after 100 steps: acc, ASR | "
           f"after {args.steps}: acc, ASR |")
     print("|---|---|---|---|---|")
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         for lr in map(float, args.lrs.split(",")):
             for rows in map(float, args.rows.split(",")):
                 torch.manual_seed(0)
@@ -75,9 +88,14 @@ def main() -> None:
                         target = teacher(x)
                         own = student.eval()(x[:k])
                     loss = kd_loss(student.train()(x), target, 4.0)
+                    if kind.startswith("reversed"):
+                        r, cls = found[step % len(found)]
+                        moved = r.stamp(x[:k], cls, float(kind.partition("x")[2]))
+                    elif kind == "trigger":
+                        moved = trigger.stamp(x[:k])
+                    elif kind == "dense":
+                        moved = x[:k] + abd.trigger_surrogate(teacher, x) * abd.pixel_scale(x)
                     if kind != "none":
-                        moved = trigger.stamp(x[:k]) if kind == "trigger" else \
-                            x[:k] + abd.trigger_surrogate(teacher, x) * abd.pixel_scale(x)
                         loss = loss + kd_loss(student(moved), own, 20.0)
                     opt.zero_grad()
                     loss.backward()

@@ -62,8 +62,9 @@ class Reversed:
     patterns: torch.Tensor  # (K, C, H, W)
     sizes: torch.Tensor  # (K,): the mask's mean; inf where the class was never reached
 
-    def stamp(self, x: torch.Tensor, cls: int) -> torch.Tensor:
-        m = self.masks[cls].to(x)
+    def stamp(self, x: torch.Tensor, cls: int, strength: float = 1.0) -> torch.Tensor:
+        """x with class `cls`'s trigger, its mask scaled by `strength` (at most 1 per pixel)."""
+        m = (self.masks[cls] * strength).clamp(max=1.0).to(x)
         return (1 - m) * x + m * self.patterns[cls].to(x)
 
     def anomaly(self) -> torch.Tensor:
