@@ -23,7 +23,8 @@ Departures from Neural Cleanse, each for a reason:
 - The deviation in the anomaly index counts as at least 5% of the median size: with sizes
   nearly equal, Neural Cleanse's index flags noise.
 - Every class is searched at once, in one batched forward per step, with a fixed number of
-  Adam steps; the weight of the size term is adapted per class every 10 steps (x1.5 up while
+  Adam steps, from a mask of 0.5 everywhere (reach the class first, then shrink: on synthetic
+  samples a small first mask left classes unreached); the weight of the size term is adapted per class every 10 steps (x1.5 up while
   the class is reached, down otherwise), as Neural Cleanse adapts its cost.
 - The unlearning happens inside the distillation (the stamped rows of each batch), not as a
   fine-tuning of a finished model.
@@ -81,7 +82,7 @@ def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOpti
     """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it."""
     k, (n, c, h, w) = teacher.spec.num_classes, x.shape
     mask_shape = (k, 1, h, w) if shape == "patch" else (k, 1, 1, 1)
-    mask_raw = torch.full(mask_shape, -3.0, device=x.device, requires_grad=True)
+    mask_raw = torch.zeros(mask_shape, device=x.device, requires_grad=True)  # half of each pixel
     pattern_raw = torch.zeros((k, c, h, w), device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=opts.lr)
     weight = torch.ones(k, device=x.device)
