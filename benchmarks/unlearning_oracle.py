@@ -2,13 +2,13 @@
 (docs/backdoor.md)
 
 A student that inherited the backdoor (a finished `dfkd distill` run without a defence, with its
-transfer set) trains on for `--steps` steps on that set: KD to the teacher on each batch, plus
-ABD's consistency term on a share `--rows` of it, the student's answer on the perturbed rows
-pulled toward its own answer on the clean ones (temperature 20). The perturbation is the true
-trigger (an oracle, for diagnosis only: the defence never sees the trigger), ABD's dense
-surrogate (`ABD.trigger_surrogate`, recomputed every step), the triggers the `nc` defence's
-search flags on 64 samples of the set (`reversed`, the mask scaled by each `--strengths`), or
-none (the control: the same steps without the term). Clean accuracy and ASR on the suite's test images after 100 and
+transfer set) trains on for `--steps` steps on that set: KD to the teacher on each batch, plus ABD's
+consistency term on a share `--rows` of it, the student's answer on the perturbed rows pulled toward
+its own answer on the clean ones (temperature 20). The perturbation is the true trigger (an oracle,
+for diagnosis only: the defence never sees the trigger), ABD's dense surrogate
+(`ABD.trigger_surrogate`, recomputed every step), the triggers the `nc` defence's search flags on 64
+samples of the set (`reversed`, the mask scaled by each `--strengths`), or none (the control: the
+same steps without the term). Clean accuracy and ASR on the suite's test images after 100 and
 `--steps` steps.
 
     python benchmarks/unlearning_oracle.py --teacher runs/t-digits-badnets --run runs/abd/none \\

@@ -22,16 +22,17 @@ Departures from Neural Cleanse, each for a reason:
   shape is added for blended triggers.
 - The deviation in the anomaly index counts as at least 5% of the median size: with sizes
   nearly equal, Neural Cleanse's index flags noise.
-- Every class is searched at once, in one batched forward per step, with a fixed number of
-  Adam steps, from a mask of 0.5 everywhere (reach the class first, then shrink: on synthetic
-  samples a small first mask left classes unreached); the weight of the size term is adapted per class every 10 steps (x1.5 up while
-  the class is reached, down otherwise), as Neural Cleanse adapts its cost.
+- Every class is searched at once, in one batched forward per step, with a fixed number of Adam
+  steps, from a mask of 0.5 everywhere (reach the class first, then shrink: on synthetic samples a
+  small first mask left classes unreached); the weight of the size term is adapted per class every
+  10 steps (x1.5 up while the class is reached, down otherwise), as Neural Cleanse adapts its cost.
 - The unlearning happens inside the distillation (the stamped rows of each batch), not as a
   fine-tuning of a finished model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +79,14 @@ class Reversed:
         return (median - sizes) / torch.maximum(mad, 0.05 * median).clamp(min=1e-8)
 
 
-def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOptions) -> Reversed:
-    """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it."""
+def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOptions,
+            mask_start: float = 0.5) -> Reversed:
+    """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it,
+    searched from a mask of `mask_start` per pixel."""
     k, (n, c, h, w) = teacher.spec.num_classes, x.shape
     mask_shape = (k, 1, h, w) if shape == "patch" else (k, 1, 1, 1)
-    mask_raw = torch.zeros(mask_shape, device=x.device, requires_grad=True)  # half of each pixel
+    mask_raw = torch.full(mask_shape, math.log(mask_start / (1 - mask_start)), device=x.device,
+                          requires_grad=True)
     pattern_raw = torch.zeros((k, c, h, w), device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=opts.lr)
     weight = torch.ones(k, device=x.device)
