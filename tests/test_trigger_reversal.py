@@ -70,6 +70,9 @@ def test_a_class_never_reached_has_no_trigger():
     defense = TriggerReversal(ReversalOptions(threshold=-1e9), teacher)
     defense.found = [found]
     assert 3 not in [cls for _, cls in defense.flagged()]
+    assert defense.report()["trigger_sizes"]["patch"][3] is None  # valid JSON, not inf
+    with pytest.raises(DfkdError, match="unknown trigger shape"):
+        reverse(teacher, _images(), "ring", ReversalOptions())
 
 
 def test_batches_are_stamped_after_the_search_with_the_teachers_answers_kept():

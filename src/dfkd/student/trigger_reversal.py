@@ -83,6 +83,8 @@ def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOpti
             mask_start: float = 0.5) -> Reversed:
     """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it,
     searched from a mask of `mask_start` per pixel."""
+    if shape not in SHAPES:
+        raise DfkdError(f"unknown trigger shape '{shape}'; choose one of: {', '.join(SHAPES)}")
     k, (n, c, h, w) = teacher.spec.num_classes, x.shape
     mask_shape = (k, 1, h, w) if shape == "patch" else (k, 1, 1, 1)
     mask_raw = torch.full(mask_shape, math.log(mask_start / (1 - mask_start)), device=x.device,
@@ -192,6 +194,7 @@ class TriggerReversal:
             out["triggers_found"] = [{"shape": r.shape, "class": cls,
                                       "size": round(float(r.sizes[cls]), 5)}
                                      for r, cls in self.flagged()]
-            out["trigger_sizes"] = {r.shape: [round(float(s), 5) for s in r.sizes]
-                                    for r in self.found}
+            out["trigger_sizes"] = {r.shape: [round(float(s), 5) if math.isfinite(s) else None
+                                              for s in r.sizes]
+                                    for r in self.found}  # None: never reached
         return out
