@@ -162,12 +162,14 @@ class TriggerReversal:
         if not targets:
             return x
         n = max(1, int(len(x) * self.opts.rows))
-        rows = torch.randperm(len(x), generator=gen)[:n].tolist()
-        which = torch.randint(len(targets), (n,), generator=gen).tolist()
+        rows = torch.randperm(len(x), generator=gen)[:n]
+        which = torch.randint(len(targets), (n,), generator=gen)
+        plane = (1, *x.shape[2:])  # a blend's one opacity, spread over the image
+        masks = torch.stack([r.masks[cls].expand(plane) for r, cls in targets]).to(x)[which]
+        patterns = torch.stack([r.patterns[cls] for r, cls in targets]).to(x)[which]
+        rows = rows.to(x.device)
         x = x.clone()
-        for row, i in zip(rows, which, strict=True):
-            found, cls = targets[i]
-            x[row] = found.stamp(x[row:row + 1], cls)[0]
+        x[rows] = (1 - masks) * x[rows] + masks * patterns  # Reversed.stamp, row by row
         self.stamped_rows += n
         return x
 
