@@ -18,10 +18,8 @@ same steps without the term). Clean accuracy and ASR on the suite's test images 
 from __future__ import annotations
 
 import argparse
-import glob
 
 import torch
-from safetensors.torch import load_file
 
 from dfkd.backdoor import Trigger
 from dfkd.evaluate import load_eval_data
@@ -29,6 +27,7 @@ from dfkd.losses import kd_loss
 from dfkd.models.classifier import load_classifier
 from dfkd.student.defense import ABD, ABDOptions
 from dfkd.student.trigger_reversal import ReversalOptions, TriggerReversal
+from dfkd.synthesis.transfer_set import TransferSet
 
 
 def main() -> None:
@@ -45,8 +44,7 @@ def main() -> None:
     ap.add_argument("--strengths", default="1,3")
     args = ap.parse_args()
     teacher = load_classifier(args.teacher).eval().requires_grad_(False)
-    parts = sorted(glob.glob(f"{args.run}/transfer_set/part-*.safetensors"))
-    pool = torch.cat([load_file(p)["x"] for p in parts]).float()
+    pool = TransferSet.open(f"{args.run}/transfer_set").tensors()["x"].float()
     data = load_eval_data(args.dataset, teacher, args.data_root or None)
     trigger = Trigger.parse(args.poison)
     others = data.y != trigger.target
