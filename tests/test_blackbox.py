@@ -516,6 +516,36 @@ def test_db3kd_finds_a_known_boundary_and_labels_by_decisions_alone():
     assert moved.mean() < 0.45  # away from the boundary, still class 0
 
 
+class Smoothness(torch.nn.Module):
+    """Class 1 for an image whose neighbouring pixels differ little on average, else class 0:
+    pixel-wise noise is almost never class 1."""
+
+    def forward(self, z):
+        m = (0.1 - (z[..., 1:] - z[..., :-1]).abs().flatten(1).mean(1)) * 100
+        return torch.stack([torch.zeros_like(m), m], dim=1)
+
+
+def test_db3kd_blobs_reach_a_class_the_reference_noise_misses():
+    from dfkd.models.classifier import Classifier, InputSpec
+    from dfkd.synthesis.base import balanced_targets
+    from dfkd.synthesis.db3kd import DB3KD, blobs
+
+    shapes = blobs((50, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert shapes.shape == (50, 3, 16, 16) and set(shapes.unique().tolist()) <= {0.0, 1.0}
+    assert 0.05 < shapes.mean() < 0.7 and shapes.flatten(1).std(1).min() > 0  # never blank
+    teacher = Classifier(Smoothness(), InputSpec((1, 16, 16), (0.0,), (1.0,), 2), "smooth")
+    filled = {}
+    for noise in ("reference", "mixed"):
+        synth = DB3KD(teacher, DB3KD.Options(draws=12, noise=noise), seed=0)
+        gen = torch.Generator().manual_seed(1)
+        wanted = balanced_targets(40, 2, gen)
+        _, y = synth.starting_points(wanted, gen)
+        filled[noise] = int(((y == 1) & (wanted == 1)).sum())
+    assert filled["mixed"] >= 18 and filled["reference"] <= 8
+    with pytest.raises(DfkdError, match="db3kd's noise is one of"):
+        DB3KD(teacher, DB3KD.Options(noise="pink"), seed=0)
+
+
 @pytest.mark.parametrize("budget", ["20steps", "3s"])  # a wall clock crashed after round 1
 def test_db3kd_distills_from_a_top1_api(model, tmp_path, budget):
     with serving(create_app(model, "top1")) as url:
