@@ -102,46 +102,6 @@ def test_batches_are_stamped_after_the_search_with_the_teachers_answers_kept():
     assert torch.equal(a, b)
 
 
-class CleanRows(PlantedBackdoor):
-    """The same classes without the backdoor: a student that has unlearned it."""
-
-    def forward(self, x):
-        return self.scale * x[:, 0, :K].mean(2)
-
-
-def test_retrace_keeps_what_the_student_still_answers_to_and_resumes_with_it():
-    opts = ReversalOptions(start=0.0, steps=150, samples=16, rows=0.25, threshold=3, retrace=2,
-                           retrace_steps=150, retrace_kept=3)
-    defense, x, gen = TriggerReversal(opts, _teacher()), _images(16), torch.Generator()
-    backdoored = _teacher()  # a student that learned the teacher's backdoor
-    defense.inputs(x, 0.2, gen)
-    patch = defense.found[0]
-    assert len(defense.stamps()) == 2  # the teacher's patch and blend for class 0
-    defense.after_backward(backdoored, None, x, gen, 0.2)
-    assert defense.retraced == []  # every retrace steps only
-    defense.after_backward(backdoored, None, x, gen, 0.2)
-    kept = [(t["shape"], t["class"]) for t in defense.retraced]
-    assert ("patch", 0) in kept and len(defense.stamps()) == 2 + len(kept)
-    retraced = next(t for t in defense.retraced if t["shape"] == "patch")
-    assert retraced["size"] < patch.limit(opts.threshold)
-    assert retraced["mask"][0, 6:, 6:].sum() > 0.5 * retraced["mask"].sum()  # the corner again
-    for _ in range(6):  # the oldest give way to the latest retrace_kept
-        defense.inputs(x, 0.3, gen)
-        defense.after_backward(backdoored, None, x, gen, 0.3)
-    assert len(defense.retraced) == 3 and defense.report()["retraced_kept"][0]["class"] == 0
-    restored = TriggerReversal(opts, _teacher())
-    restored.load_state_dict(defense.state_dict())
-    assert torch.equal(defense.inputs(x, 0.4, torch.Generator().manual_seed(3)),
-                       restored.inputs(x, 0.4, torch.Generator().manual_seed(3)))
-    # a student without the backdoor reaches class 0 only by drawing its row: nothing kept
-    clean = TriggerReversal(opts, _teacher())
-    clean.inputs(x, 0.2, gen)
-    student = Classifier(CleanRows(), SPEC, "rows").eval()
-    for _ in range(2):
-        clean.after_backward(student, None, x, gen, 0.2)
-    assert clean.retraced == [] and len(clean.stamps()) == 2
-
-
 def test_no_target_found_leaves_the_batches_alone():
     defense = TriggerReversal(ReversalOptions(), _teacher())
     sizes = torch.tensor([0.3, 0.31, 0.29, 0.3, 0.32, 0.28])
@@ -154,8 +114,6 @@ def test_no_target_found_leaves_the_batches_alone():
 def test_bad_options_and_inputs_are_one_line_errors():
     with pytest.raises(DfkdError, match="rows and success in"):
         TriggerReversal(ReversalOptions(rows=0), _teacher())
-    with pytest.raises(DfkdError, match="retrace >= 0"):
-        TriggerReversal(ReversalOptions(retrace_kept=0), _teacher())
     flat = Classifier(nn.Linear(5, 3), InputSpec((5,), (0.0,), (1.0,), 3), "lin")
     with pytest.raises(DfkdError, match="not \\(C, H, W\\)"):
         TriggerReversal(ReversalOptions(), flat)

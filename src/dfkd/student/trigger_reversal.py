@@ -28,12 +28,6 @@ Departures from Neural Cleanse, each for a reason:
   10 steps (x1.5 up while the class is reached, down otherwise), as Neural Cleanse adapts its cost.
 - The unlearning happens inside the distillation (the stamped rows of each batch), not as a
   fine-tuning of a finished model.
-- With `retrace`, the flagged classes' triggers are searched again on the student every
-  `retrace` steps, afresh, and one found small enough for the teacher's search to
-  flag is stamped too (the latest `retrace_kept`). One reversed trigger is one instance of the
-  backdoor, smaller than it and beside it; what the student still answers to after unlearning
-  it is the next instance (I-BAU's alternation of search and unlearning, Zeng et al. ICLR 2022,
-  with Neural Cleanse's search).
 """
 
 from __future__ import annotations
@@ -60,9 +54,6 @@ class ReversalOptions:
     success: float = 0.95  # share of the batch a trigger must send to its class
     threshold: float = 2.0  # anomaly index that flags a class (Neural Cleanse's)
     rows: float = 0.2  # share of each batch stamped during unlearning (Neural Cleanse's)
-    retrace: int = 0  # student steps between searches of flagged triggers on the student; 0: none
-    retrace_steps: int = 100  # Adam steps of such a search
-    retrace_kept: int = 8  # triggers found on the student stamped beside the teacher's (the latest)
 
 
 @dataclass
@@ -82,45 +73,33 @@ class Reversed:
         """Per class, how many deviations its size lies below the median (Neural Cleanse's
         anomaly index, one-sided: a large trigger is no backdoor). The deviation counts as at
         least 5% of the median, so that classes of nearly equal sizes flag none."""
-        median, deviation = self._spread()
-        return (median - self.sizes.clamp(max=1.0)) / deviation
-
-    def limit(self, threshold: float) -> float:
-        """The size below which a trigger is flagged at `threshold`, by these classes' sizes."""
-        median, deviation = self._spread()
-        return float(median - threshold * deviation)
-
-    def _spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = self.sizes.clamp(max=1.0)
         median = sizes.median()
         mad = 1.4826 * (sizes - median).abs().median()
-        return median, torch.maximum(mad, 0.05 * median).clamp(min=1e-8)
+        return (median - sizes) / torch.maximum(mad, 0.05 * median).clamp(min=1e-8)
 
 
-def reverse(model: Classifier, x: torch.Tensor, shape: str, opts: ReversalOptions,
-            mask_start: float = 0.5, classes: list[int] | None = None,
-            steps: int | None = None) -> Reversed:
-    """Per class of `classes` (all by default; the rows of the result follow them), the smallest
-    trigger of `shape` that sends at least `opts.success` of x to it, searched from a mask of
-    `mask_start` per pixel for `steps` (`opts.steps`)."""
+def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOptions,
+            mask_start: float = 0.5) -> Reversed:
+    """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it,
+    searched from a mask of `mask_start` per pixel."""
     if shape not in SHAPES:
         raise DfkdError(f"unknown trigger shape '{shape}'; choose one of: {', '.join(SHAPES)}")
-    classes = list(range(model.spec.num_classes)) if classes is None else classes
-    k, (n, c, h, w) = len(classes), x.shape
+    k, (n, c, h, w) = teacher.spec.num_classes, x.shape
     mask_shape = (k, 1, h, w) if shape == "patch" else (k, 1, 1, 1)
     mask_raw = torch.full(mask_shape, math.log(mask_start / (1 - mask_start)), device=x.device,
                           requires_grad=True)
     pattern_raw = torch.zeros((k, c, h, w), device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=opts.lr)
     weight = torch.ones(k, device=x.device)
-    target = torch.tensor(classes, device=x.device).repeat_interleave(n)
+    target = torch.arange(k, device=x.device).repeat_interleave(n)
     best = torch.full((k,), float("inf"))
     best_masks, best_patterns = torch.ones(mask_shape), torch.zeros((k, c, h, w))
     reached = torch.zeros(k, device=x.device)
-    for step in range(1, (steps or opts.steps) + 1):
+    for step in range(1, opts.steps + 1):
         mask, pattern = torch.sigmoid(mask_raw), torch.sigmoid(pattern_raw)
         stamped = ((1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]).flatten(0, 1)
-        logits = model(stamped).float()
+        logits = teacher(stamped).float()
         size = mask.flatten(1).mean(1)
         loss = F.cross_entropy(logits, target, reduction="none").view(k, n).mean(1) + \
             weight * size
@@ -130,9 +109,9 @@ def reverse(model: Classifier, x: torch.Tensor, shape: str, opts: ReversalOption
         with torch.no_grad():
             hit = logits.argmax(1).eq(target).float().view(k, n).mean(1)
             better = (hit >= opts.success) & (size < best.to(size))
-            for row in better.nonzero().flatten().tolist():
-                best[row] = float(size[row])
-                best_masks[row], best_patterns[row] = mask[row].cpu(), pattern[row].cpu()
+            for cls in better.nonzero().flatten().tolist():
+                best[cls] = float(size[cls])
+                best_masks[cls], best_patterns[cls] = mask[cls].cpu(), pattern[cls].cpu()
             reached += (hit >= opts.success).float()
             if step % 10 == 0:  # Neural Cleanse's cost adaptation, per class
                 weight = torch.where(reached >= 5, weight * 1.5, weight / 1.5)
@@ -142,8 +121,7 @@ def reverse(model: Classifier, x: torch.Tensor, shape: str, opts: ReversalOption
 
 class TriggerReversal:
     """The `nc` defence of one run: searches the teacher's triggers once, then stamps the
-    flagged ones into a share of every student batch; with `retrace`, searches the flagged
-    classes' triggers again on the student every `retrace` steps and stamps those found too."""
+    flagged ones into a share of every student batch."""
 
     name = "nc"
     weighs_loss = False  # the student's own loss, on partly stamped batches
@@ -153,8 +131,6 @@ class TriggerReversal:
                 or opts.samples < 1 or opts.steps < 10:
             raise DfkdError("nc needs start in [0, 1), rows and success in (0, 1], samples >= 1 "
                             "and steps >= 10")
-        if opts.retrace < 0 or opts.retrace_steps < 10 or opts.retrace_kept < 1:
-            raise DfkdError("nc needs retrace >= 0, retrace_steps >= 10 and retrace_kept >= 1")
         if len(teacher.spec.shape) != 3:
             raise DfkdError(f"nc searches image triggers; this teacher's input is "
                             f"{tuple(teacher.spec.shape)}, not (C, H, W)")
@@ -162,22 +138,13 @@ class TriggerReversal:
         self.teacher = Classifier(hookless_copy(teacher.net), teacher.spec,
                                   teacher.arch).eval().requires_grad_(False)
         self.found: list[Reversed] | None = None  # None until searched
-        self.retraced: list[dict] = []  # triggers found on the student, the latest last
         self.stamped_rows = 0
-        self.unlearning_steps = 0  # student steps with stamped rows
-        self.clean: torch.Tensor | None = None  # the last batch, before stamping
 
     def flagged(self) -> list[tuple[Reversed, int]]:
         """(shape's triggers, class) for every class flagged as a backdoor target."""
         return [(r, cls) for r in self.found or []
                 for cls in (r.anomaly() > self.opts.threshold).nonzero().flatten().tolist()
                 if torch.isfinite(r.sizes[cls])]
-
-    def stamps(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(mask, pattern) of every trigger stamped: the teacher's flagged ones, then the kept
-        ones found on the student."""
-        return [(r.masks[cls], r.patterns[cls]) for r, cls in self.flagged()] + \
-            [(t["mask"], t["pattern"]) for t in self.retraced]
 
     def search(self, x: torch.Tensor) -> None:
         x = x[:self.opts.samples].detach().float()
@@ -191,16 +158,15 @@ class TriggerReversal:
             if progress < self.opts.start:
                 return x
             self.search(x)
-        stamps = self.stamps()
-        if not stamps:
+        targets = self.flagged()
+        if not targets:
             return x
-        self.clean = x
         n = max(1, int(len(x) * self.opts.rows))
         rows = torch.randperm(len(x), generator=gen)[:n]
-        which = torch.randint(len(stamps), (n,), generator=gen)
+        which = torch.randint(len(targets), (n,), generator=gen)
         plane = (1, *x.shape[2:])  # a blend's one opacity, spread over the image
-        masks = torch.stack([m.expand(plane) for m, _ in stamps]).to(x)[which]
-        patterns = torch.stack([p for _, p in stamps]).to(x)[which]
+        masks = torch.stack([r.masks[cls].expand(plane) for r, cls in targets]).to(x)[which]
+        patterns = torch.stack([r.patterns[cls] for r, cls in targets]).to(x)[which]
         rows = rows.to(x.device)
         x = x.clone()
         x[rows] = (1 - masks) * x[rows] + masks * patterns  # Reversed.stamp, row by row
@@ -210,45 +176,18 @@ class TriggerReversal:
     def set_lr(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
         pass
 
-    def after_backward(self, student: Classifier, teacher, x, gen, progress) -> None:
-        if not self.opts.retrace or self.clean is None:
-            return
-        self.unlearning_steps += 1
-        if self.unlearning_steps % self.opts.retrace == 0:
-            self.retrace(student, self.clean[:self.opts.samples].detach().float())
-
-    def retrace(self, student: Classifier, x: torch.Tensor) -> None:
-        """Searches each flagged class's trigger on (a copy of) the student, afresh (from a
-        converged sparse mask the sigmoid is flat and the search cannot move to new pixels); keeps
-        one that reaches the class and is small enough that the teacher's search would have
-        flagged it: what the student still answers to, not a drawn digit."""
-        model = Classifier(hookless_copy(student.net), student.spec,
-                           student.arch).eval().requires_grad_(False)
-        for r in self.found:
-            classes = [cls for found, cls in self.flagged() if found is r]
-            if not classes:
-                continue
-            with torch.enable_grad():
-                again = reverse(model, x, r.shape, self.opts, classes=classes,
-                                steps=self.opts.retrace_steps)
-            limit = r.limit(self.opts.threshold)
-            self.retraced += [{"shape": r.shape, "class": cls, "mask": again.masks[row],
-                               "pattern": again.patterns[row], "size": float(again.sizes[row])}
-                              for row, cls in enumerate(classes) if again.sizes[row] < limit]
-        self.retraced = self.retraced[-self.opts.retrace_kept:]
+    def after_backward(self, student, teacher, x, gen, progress) -> None:
+        pass
 
     def state_dict(self) -> dict:
         found = None if self.found is None else \
             [{"shape": r.shape, "masks": r.masks, "patterns": r.patterns, "sizes": r.sizes}
              for r in self.found]
-        return {"found": found, "retraced": self.retraced, "stamped_rows": self.stamped_rows,
-                "unlearning_steps": self.unlearning_steps}
+        return {"found": found, "stamped_rows": self.stamped_rows}
 
     def load_state_dict(self, state: dict) -> None:
         self.found = None if state["found"] is None else [Reversed(**r) for r in state["found"]]
-        self.retraced = list(state.get("retraced", []))
         self.stamped_rows = state["stamped_rows"]
-        self.unlearning_steps = state.get("unlearning_steps", 0)
 
     def report(self) -> dict:
         out = {"defense": self.name, "defense_options": vars(self.opts),
@@ -260,6 +199,4 @@ class TriggerReversal:
             out["trigger_sizes"] = {r.shape: [round(float(s), 5) if math.isfinite(s) else None
                                               for s in r.sizes]
                                     for r in self.found}  # None: never reached
-            out["retraced_kept"] = [{"shape": t["shape"], "class": t["class"],
-                                     "size": round(t["size"], 5)} for t in self.retraced]
         return out
