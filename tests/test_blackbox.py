@@ -542,6 +542,9 @@ def test_db3kd_blobs_reach_a_class_the_reference_noise_misses():
         _, y = synth.starting_points(wanted, gen)
         filled[noise] = int(((y == 1) & (wanted == 1)).sum())
     assert filled["mixed"] >= 18 and filled["reference"] <= 8
+    flat = Classifier(torch.nn.Linear(5, 3), InputSpec((5,), (0.0,), (1.0,), 3), "lin")
+    draws = DB3KD(flat, DB3KD.Options(), seed=0).noise(7, torch.Generator().manual_seed(0))
+    assert draws.shape == (7, 5)  # no blobs without an image, and no broadcast into 4 dims
     with pytest.raises(DfkdError, match="db3kd's noise is one of"):
         DB3KD(teacher, DB3KD.Options(noise="pink"), seed=0)
 
