@@ -225,6 +225,13 @@ def require_positive(opts, *keys: str) -> None:
             raise DfkdError(f"{key} must be positive, got {getattr(opts, key)}")
 
 
+def require_choice(opts, key: str, choices: tuple[str, ...]) -> None:
+    """A one-line error where the option `key` is none of `choices`."""
+    value = getattr(opts, key)
+    if value not in choices:
+        raise DfkdError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
+
+
 def device_default(value, gpu, cpu, device: torch.device):
     """An option's value, where 0 means "by device": the paper's `gpu` value on a GPU, the `cpu`
     value elsewhere (where the papers' setting spends the budget on the generator, not the

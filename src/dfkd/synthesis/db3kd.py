@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.errors import DfkdError
 from dfkd.synthesis.base import (
     Options,
     Synthesizer,
     balanced_targets,
     register_method,
+    require_choice,
     require_positive,
 )
 
@@ -102,8 +102,7 @@ class DB3KD(Synthesizer):
         super().__init__(teacher, options, seed)
         require_positive(options, "batch_size", "directions", "anchors", "bisections", "draws",
                          "step")
-        if options.noise not in NOISE:
-            raise DfkdError(f"db3kd's noise is one of {', '.join(NOISE)}, not '{options.noise}'")
+        require_choice(options, "noise", NOISE)
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ from dfkd.synthesis.base import (
     Synthesizer,
     balanced_targets,
     register_method,
+    require_choice,
 )
 from dfkd.synthesis.feature_space import FeatureSpace
 
@@ -121,10 +122,10 @@ class MVN(CountsLabelMismatch, Synthesizer):
     def __init__(self, teacher, options, seed):
         super().__init__(teacher, options, seed)
         o = options
-        _check_choice("cov", o.cov, ("weights", "bn", "bootstrap"))
-        _check_choice("mean", o.mean, ("auto", "bn", "bootstrap", "zero"))
-        _check_choice("nonneg", o.nonneg, ("auto", "relu", "none"))
-        _check_choice("view", o.view, INVERSION_VIEWS)
+        require_choice(o, "cov", ("weights", "bn", "bootstrap"))
+        require_choice(o, "mean", ("auto", "bn", "bootstrap", "zero"))
+        require_choice(o, "nonneg", ("auto", "relu", "none"))
+        require_choice(o, "view", INVERSION_VIEWS)
         if o.sigma <= 0 or o.temperature <= 0:
             raise DfkdError(f"sigma and temperature must be positive, got {o.sigma}, "
                             f"{o.temperature}")
@@ -242,8 +243,3 @@ class MVN(CountsLabelMismatch, Synthesizer):
                 "feature_dim": self.space.dim, "mean_source": self.mean_source,
                 "nonneg": self.nonneg, "bn_prior": bool(self.bn_hooks),
                 "clipped_eigenvalues": self.clipped_eigenvalues}
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DfkdError(f"mvn option {name} must be one of {', '.join(choices)}, got '{value}'")

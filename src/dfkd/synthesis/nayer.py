@@ -56,6 +56,7 @@ from dfkd.synthesis.base import (
     Synthesizer,
     device_default,
     register_method,
+    require_choice,
     require_positive,
     student_as_judge,
 )
@@ -144,9 +145,7 @@ class Nayer(Synthesizer):
         o.ngf = device_default(o.ngf, 64, 16, self.device)
         require_positive(o, "batch_size", "g_steps", "lr_g", "g_life", "embed_dim", "noise_dim",
                          "ngf")
-        if o.embedding not in EMBEDDINGS:
-            raise DfkdError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got "
-                            f"'{o.embedding}'")
+        require_choice(o, "embedding", EMBEDDINGS)
         self.bn_hooks = momentum_bn_prior(self.name, teacher, o.bn_weight, o.bn_momentum)
         self.embedding = self._class_embedding()
         self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1], divisor=8)
