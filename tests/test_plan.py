@@ -13,6 +13,7 @@ from dfkd.engine.plan import (
     MIN_STEPS,
     Costs,
     Plan,
+    Planner,
     measure_costs,
     plan_run,
     replan_steps_per_round,
@@ -66,6 +67,20 @@ def test_replanning_follows_the_measured_costs():
     assert over == int((200 - 30) / 0.3)
 
 
+def test_a_method_dearer_than_the_probe_is_planned_again_from_its_first_round():
+    """A generator method's step can cost several times the probe's plain inversion step: from
+    the measured cost the same planner cuts the round, so the set still grows over 10 rounds."""
+    planner = Planner(600, 10, batch_size=256, steps=20)
+    probed = planner.plan(RESNET_ON_CPU)
+    assert (probed.batch_size, probed.rounds) == (256, 19)  # 300 s / (20 x 3 ms) = 5,000 samples
+    measured = planner.plan(Costs(5 * RESNET_ON_CPU.inversion, RESNET_ON_CPU.student_step))
+    assert (measured.steps, measured.batch_size, measured.rounds) == (20, 100, 10)
+    assert measured.synthesis_share == pytest.approx(0.5)
+    kept = Planner(600, 10, 256, 20, fixed=frozenset({"batch_size"}), steps_per_round=9)
+    assert kept.plan(Costs(0.015, 0.3)).batch_size == 256
+    assert kept.plan(Costs(0.015, 0.3)).steps_per_round == 9
+
+
 def _models():
     spec = InputSpec((1, 8, 8), (0.5,), (0.5,), 10)
     torch.manual_seed(0)
@@ -95,16 +110,25 @@ def _cfg(teacher, out, **kw):
     return DistillConfig(**base)
 
 
+def _plan_of(report_plan: dict) -> Plan:
+    return Plan(**{k: report_plan[k] for k in Plan.__dataclass_fields__})
+
+
 def test_a_planned_run_reports_its_plan_and_what_happened(digits_teacher, tmp_path):
     report = distill(_cfg(digits_teacher, tmp_path / "r"), progress=False)
-    plan = report["plan"]
+    plan, probe = report["plan"], report["plan"]["from_probe"]
     assert plan["schedule"] == "planned" and plan["costs"]["unit"] == "flop"
     assert (plan["batch_size"], plan["steps"]) == (8, 4)  # set by the user, kept
     assert report["synthesis_rounds"] > 1 and report["samples"] == 8 * report["synthesis_rounds"]
     assert report["passes_over_set"] > 0 and report["steps"] == 30
-    planned = plan_run(Costs(**plan["costs"]), 30 * plan["costs"]["student_step"] / 0.5, 10,
-                       batch_size=8, steps=4, fixed=frozenset({"batch_size", "steps"}))
-    assert Plan(**{k: plan[k] for k in Plan.__dataclass_fields__}) == planned
+    # the probe's plan, then the same planner from the first round's counted cost (the
+    # probe's student step kept: the budget is in its FLOPs)
+    budget = 30 * probe["costs"]["student_step"] / 0.5
+    planner = Planner(budget, 10, 8, 4, fixed=frozenset({"batch_size", "steps"}))
+    assert _plan_of(probe) == planner.plan(Costs(**probe["costs"]))
+    assert _plan_of(plan) == planner.plan(Costs(**plan["costs"]))
+    assert plan["costs"]["student_step"] == probe["costs"]["student_step"]
+    assert plan["costs"]["inversion"] != probe["costs"]["inversion"]
     # the same command plans the same run: step budgets stay reproducible
     again = distill(_cfg(digits_teacher, tmp_path / "again"), progress=False)
     assert again["plan"] == plan and again["student_acc"] == report["student_acc"]
@@ -124,6 +148,22 @@ def test_the_planner_cuts_a_methods_own_round_for_the_budget(digits_teacher, tmp
     assert report["plan"]["steps"] < 200 and report["plan"]["batch_size"] < 256
     assert report["method_options"]["steps"] == report["plan"]["steps"]
     assert report["method_options"]["batch_size"] == report["plan"]["batch_size"]
+
+
+def test_a_generator_methods_rounds_are_planned_from_what_its_first_round_cost(digits_teacher,
+                                                                               tmp_path):
+    """cmi's step trains a generator and contrasts against a memory bank besides inverting the
+    teacher: its first round counts several times the probe's cost per image and step, and the
+    rounds after it are smaller than the probe planned, so that the set grows in more rounds."""
+    report = distill(_cfg(digits_teacher, tmp_path / "cmi", method="cmi", budget="200steps",
+                          method_options={"steps": 3}), progress=False)
+    plan, probe = report["plan"], report["plan"]["from_probe"]
+    assert plan["costs"]["inversion"] > 2 * probe["costs"]["inversion"]
+    assert plan["batch_size"] < probe["batch_size"] and plan["steps"] == 3
+    assert report["method_options"]["batch_size"] == plan["batch_size"]
+    later = report["samples"] - probe["batch_size"]  # every round after the first
+    assert report["synthesis_rounds"] > 2 and later == plan["batch_size"] * (
+        report["synthesis_rounds"] - 1)
 
 
 def test_a_planned_wall_clock_run_replans_between_rounds(digits_teacher, tmp_path):

@@ -20,8 +20,9 @@ from dfkd.engine.plan import (
     SYNTHESIS_SHARE,
     Costs,
     Plan,
+    Planner,
+    counted,
     measure_costs,
-    plan_run,
     replan_steps_per_round,
 )
 from dfkd.engine.run_state import RunState
@@ -53,9 +54,9 @@ class BatchSource:
         raise NotImplementedError
 
     def plan(self, cfg: DistillConfig, budget: Budget, teacher: Classifier,
-             student: Classifier, state: RunState) -> str | None:
-        """Fix the run's schedule; returns the line that describes it (None: no rounds)."""
-        return None
+             student: Classifier, state: RunState, say) -> None:
+        """Fix the run's schedule and `say(line)` what it is (a source without rounds has
+        none)."""
 
     @property
     def samples(self) -> int | None:
@@ -101,13 +102,16 @@ class GrowingSet(StoredSet):
         self.synth, self.root, self.autocast = synth, root, autocast
         self.limit = synth.sample_limit()  # a finished set stops synthesis
         self.schedule: Schedule | None = None
+        self.first_round_flops = 0.0  # counted where the first round re-plans a step budget
 
-    def plan(self, cfg, budget, teacher, student, state) -> str:
+    def plan(self, cfg, budget, teacher, student, state, say) -> None:
+        planner = None  # a resumed run keeps its plan
         if not state.plan:
-            plan, costs = plan_schedule(cfg, budget, self.synth, teacher, student)
+            plan, costs, planner = plan_schedule(cfg, budget, self.synth, teacher, student)
             state.plan, state.costs = plan.to_dict(), dict(vars(costs))
-        self.schedule = Schedule(cfg, budget, self.synth, state)
-        return self.schedule.describe()
+        self.schedule = Schedule(cfg, budget, self.synth, state, planner)
+        self.say = say
+        say(self.schedule.describe())
 
     def round_due(self, state: RunState) -> bool:
         return state.next_round <= state.step and \
@@ -115,14 +119,23 @@ class GrowingSet(StoredSet):
 
     def make_round(self, student: Classifier, state: RunState) -> Batch:
         with self.autocast():
+            if self.schedule.counts_first_round(state):
+                self.first_round_flops, batch = counted(
+                    lambda: self.synth.synthesize(student, state.rounds))
+                return batch
             return self.synth.synthesize(student, state.rounds)
 
     def keep_round(self, batch: Batch, state: RunState) -> None:
-        """Store the round and schedule the next; `state` already counts its synthesis time."""
+        """Store the round and schedule the next; `state` already counts its synthesis time.
+        The first round's measured cost re-plans the run."""
         self.tset.append(batch)
         self.last_x = batch["x"][:PICTURED].cpu()
         state.rounds += 1
         state.image_steps += len(batch["x"]) * self.schedule.plan.steps
+        if self.schedule.planner and state.rounds == 1:
+            spent = self.first_round_flops if self.schedule.unit == "flop" \
+                else state.synthesis_seconds
+            self.say(self.schedule.replan(spent / state.image_steps))
         state.next_round = state.step + self.schedule.steps_to_next_round(state.elapsed())
 
     def checkpoint_parts(self) -> int:
@@ -156,40 +169,62 @@ class OnlineBatches(BatchSource):
 
 
 def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier,
-                  student: Classifier) -> tuple[Plan, Costs]:
-    """The run's schedule before its first round. `planned`: from the costs measured here
-    (timed under a wall-clock budget, counted in FLOPs under a step budget, which keeps step
-    budgets reproducible) and the method's options the user did not set. `fixed`: the method's
-    own round, FIXED_STEPS_PER_ROUND student steps apart."""
+                  student: Classifier) -> tuple[Plan, Costs, Planner | None]:
+    """The run's schedule before its first round, the costs it comes from, and the planner that
+    plans it again from measured costs. `planned`: from the costs probed here (timed under a
+    wall-clock budget, counted in FLOPs under a step budget, which keeps step budgets
+    reproducible) and the method's options the user did not set. `fixed`: the method's own
+    round, FIXED_STEPS_PER_ROUND student steps apart, never re-planned."""
     size_key, steps_key = synth.round_options
     batch, steps = getattr(synth.opts, size_key), getattr(synth.opts, steps_key)
     if cfg.schedule == "fixed" or is_black_box(teacher):  # no gradients to time on a black box
         spr = cfg.steps_per_round or FIXED_STEPS_PER_ROUND
-        return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none")
+        return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none"), None
     timed = budget.seconds is not None
     costs = measure_costs(teacher, student, cfg.batch_size, timed=timed)
-    seconds = budget.seconds if timed else \
+    total = budget.seconds if timed else \
         budget.steps * costs.student_step / (1 - SYNTHESIS_SHARE)
     fixed = frozenset(k for k, name in (("batch_size", size_key), ("steps", steps_key))
                       if name in cfg.method_options)
-    plan = plan_run(costs, seconds, teacher.spec.num_classes, batch_size=batch, steps=steps,
-                    fixed=fixed, steps_per_round=cfg.steps_per_round)
-    return plan, costs
+    planner = Planner(total, teacher.spec.num_classes, batch, steps, fixed, cfg.steps_per_round)
+    return planner.plan(costs), costs, planner
 
 
 class Schedule:
     """When the next synthesis round is due. The plan's round size and steps are set on the
-    method once; under a planned wall-clock run the student steps to the next round are
+    method; a `planner` (a fresh planned run) plans them again once from the first round's
+    measured cost, and under a planned wall-clock run the student steps to the next round are
     re-planned after each round from the costs measured so far."""
 
-    def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: RunState):
-        self.plan, self.state, self.budget = Plan(**state.plan), state, budget
+    def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: RunState,
+                 planner: Planner | None):
+        self.state, self.budget, self.synth, self.planner = state, budget, synth, planner
         self.unit = state.costs["unit"]  # "none": a fixed plan, nothing measured to re-plan by
-        self.replan = (cfg.schedule == "planned" and budget.seconds is not None
-                       and cfg.steps_per_round is None and self.unit != "none")
-        size_key, steps_key = synth.round_options
-        setattr(synth.opts, size_key, self.plan.batch_size)
-        setattr(synth.opts, steps_key, self.plan.steps)
+        self.replan_steps = (cfg.schedule == "planned" and budget.seconds is not None
+                             and cfg.steps_per_round is None and self.unit != "none")
+        self._set(Plan(**state.plan))
+
+    def _set(self, plan: Plan) -> None:
+        self.plan = plan
+        size_key, steps_key = self.synth.round_options
+        setattr(self.synth.opts, size_key, plan.batch_size)
+        setattr(self.synth.opts, steps_key, plan.steps)
+
+    def counts_first_round(self, state: RunState) -> bool:
+        """Whether the coming round's FLOPs are to be counted: the first of a step budget's
+        planned run."""
+        return self.planner is not None and self.unit == "flop" and state.rounds == 0
+
+    def replan(self, inversion: float) -> str:
+        """Plan again from the first round's measured cost per image and inversion step (the
+        probe's student step kept); the probe's plan stays in the report. Returns the line
+        that says so."""
+        s = self.state
+        s.first_plan = {**s.plan, "costs": dict(s.costs)}
+        costs = Costs(inversion, s.costs["student_step"], self.unit)
+        self._set(self.planner.plan(costs))
+        s.plan, s.costs = self.plan.to_dict(), dict(vars(costs))
+        return f"re-planned from the first round: {self.describe()}"
 
     def describe(self) -> str:
         if self.unit == "none":
@@ -200,7 +235,7 @@ class Schedule:
                 f"and inversion step, {c['student_step']:.3g} per student step")
 
     def steps_to_next_round(self, spent: float) -> int:
-        if not self.replan:
+        if not self.replan_steps:
             return self.plan.steps_per_round
         s = self.state
         measured = Costs(s.synthesis_seconds / max(1, s.image_steps),

@@ -194,9 +194,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         metrics_path.unlink(missing_ok=True)
         source.start_fresh()
 
-    described = source.plan(cfg, budget, teacher, student, state)
-    if described and progress:
-        tqdm.write(described)
+    source.plan(cfg, budget, teacher, student, state,
+                say=tqdm.write if progress else lambda line: None)
 
     round_start = [0.0]  # perf_counter when the running synthesis call began
     if synth and budget.seconds is not None:
@@ -420,6 +419,8 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         fixed = state.costs.get("unit") == "none"  # asked for, or a black box's fallback
         report["plan"] = {**state.plan, "schedule": "fixed" if fixed else cfg.schedule,
                           "costs": state.costs}
+        if state.first_plan:
+            report["plan"]["from_probe"] = state.first_plan
     for part in parts:
         if part is not None:
             report.update(part.report())

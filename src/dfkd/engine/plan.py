@@ -16,11 +16,15 @@ budget by what things cost here:
   over at least `MIN_ROUNDS` rounds and the student trains on it while it grows;
 - student steps between rounds split the student's share evenly between the rounds.
 
-Under a wall-clock budget the costs are timed on the device at hand and re-planned after every
-round from what the run measured, so steps per round follow the real costs. Under a step budget
+The probe times a plain inversion step (teacher forward and backward), which a method's own
+step can cost several times over (a generator to train, a memory bank to contrast against, the
+BatchNorm prior's hooks), so the first round's measured cost re-plans the whole schedule once:
+round size, inversion steps and student steps between rounds. Under a wall-clock budget the
+student steps to the next round are then re-planned after every round from what the run
+measured, so they follow the real costs. Under a step budget
 the costs are counted in floating-point operations (deterministic, so a step budget stays
-reproducible and resumes exactly) and the budget in seconds is whatever the student's steps
-cost, divided by the student's share. Options the user set (`--set steps=...`,
+reproducible and resumes exactly; the first round's are counted too) and the budget is whatever
+the student's steps cost, divided by the student's share. Options the user set (`--set steps=...`,
 `--set batch_size=...`, `--steps-per-round`) are kept as given.
 """
 
@@ -32,7 +36,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from dfkd.accel import synchronize
 from dfkd.losses import kd_loss
@@ -68,6 +73,23 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Planner:
+    """What a run's schedule is planned for, apart from the costs: planning again from costs
+    measured later keeps the method's own round and the user's settings as they were given."""
+
+    budget: float  # in the unit of the costs
+    num_classes: int
+    batch_size: int  # the method's own samples per round
+    steps: int  # the method's own inversion steps per round
+    fixed: frozenset[str] = frozenset()
+    steps_per_round: int | None = None
+
+    def plan(self, costs: Costs) -> Plan:
+        return plan_run(costs, self.budget, self.num_classes, batch_size=self.batch_size,
+                        steps=self.steps, fixed=self.fixed, steps_per_round=self.steps_per_round)
 
 
 def plan_run(costs: Costs, budget: float, num_classes: int, *, batch_size: int, steps: int,
@@ -151,7 +173,29 @@ def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
 
 
 def count_flops(fn) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(max(1, counter.get_total_flops()))
+    return counted(fn)[0]
+
+
+def counted(fn):
+    """The FLOPs `fn()` runs (at least 1) and what it returns."""
+    with _FlopCount() as counter:
+        result = fn()
+    return float(max(1, counter.total)), result
+
+
+class _FlopCount(TorchDispatchMode):
+    """torch's FLOP formulas (matrix products, convolutions and their gradients) summed over
+    the ops a call runs. torch's FlopCounterMode also tracks modules, with hooks that a
+    method's own autograd.grad (Fast's meta-gradient) does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out

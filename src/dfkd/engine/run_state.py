@@ -20,6 +20,7 @@ class RunState:
     set_passes: float = 0.0  # student passes over the transfer set as it stood at each draw
     plan: dict = dataclasses.field(default_factory=dict)  # the schedule (dfkd.engine.plan.Plan)
     costs: dict = dataclasses.field(default_factory=dict)  # the costs it was planned from
+    first_plan: dict = dataclasses.field(default_factory=dict)  # the probe's, where re-planned
 
     def elapsed(self) -> float:
         """The budget's clock: synthesis and training; evaluation and checkpoints stop it."""
