@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
@@ -14,6 +15,8 @@ from dfkd.engine.plan import (
     Costs,
     Plan,
     Planner,
+    counted,
+    inversion_step,
     measure_costs,
     plan_run,
     replan_steps_per_round,
@@ -86,6 +89,20 @@ def _models():
     torch.manual_seed(0)
     return (new_classifier("digits_cnn", spec).eval().requires_grad_(False),
             new_classifier("digits_cnn_quarter", spec))
+
+
+@pytest.mark.parametrize("arch", ["digits_cnn", "resnet8a"])
+def test_flops_are_counted_as_torchs_flop_counter_counts_them(arch):
+    """The engine's count (without FlopCounterMode's module tracker) gives FlopCounterMode's
+    numbers, so the default's rule and step-budget plans keep their thresholds."""
+    shape = (1, 8, 8) if arch == "digits_cnn" else (3, 32, 32)
+    spec = InputSpec(shape, (0.5,) * shape[0], (0.5,) * shape[0], 10)
+    teacher = new_classifier(arch, spec).eval().requires_grad_(False)
+    x = torch.rand(2, *shape)
+    reference = FlopCounterMode(display=False)
+    with reference:
+        inversion_step(teacher, x)
+    assert counted(lambda: inversion_step(teacher, x))[0] == reference.get_total_flops() > 0
 
 
 def test_counted_costs_are_deterministic_and_leave_the_run_untouched():
