@@ -43,7 +43,7 @@ from dfkd.student.losses import StudentLoss, create_student_loss
 from dfkd.student.start import start_student
 from dfkd.student.update import create_update
 from dfkd.synthesis import create_synthesizer
-from dfkd.synthesis.base import Clock
+from dfkd.synthesis.base import Clock, require_choice
 from dfkd.synthesis.transfer_set import TransferSet
 
 LOG_EVERY = 25  # student steps between loss records in metrics.jsonl
@@ -99,8 +99,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     out = Path(cfg.out)
     budget = Budget.parse(cfg.budget)
     augment.check(cfg.augment)
-    if cfg.schedule not in SCHEDULES:
-        raise DfkdError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    require_choice(cfg, "schedule", SCHEDULES)
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
