@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dfkd.config import PRECISIONS
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.models.classifier import Classifier
 
 
@@ -32,9 +32,7 @@ class Accel:
         return cls(cfg.precision, cfg.channels_last, cfg.compile)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise DfkdError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                            f"got '{self.precision}'")
+        require_one_of("precision", self.precision, PRECISIONS)
 
     @property
     def label(self) -> str:

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dfkd.blackbox.wire import ACCESS, NPY, BadRequest, api_info, decode_inputs, model_answer
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.models.classifier import Classifier
 
 HEADER_SLACK = 4096  # bytes a .npy header may take beyond the pixels themselves
@@ -23,8 +23,7 @@ HEADER_SLACK = 4096  # bytes a .npy header may take beyond the pixels themselves
 
 def create_app(model: Classifier, access: str = "soft", topk: int = 5,
                max_batch: int = 1024) -> Starlette:
-    if access not in ACCESS:
-        raise DfkdError(f"access must be one of {', '.join(ACCESS)}, got '{access}'")
+    require_one_of("access", access, ACCESS)
     if topk < 1 or max_batch < 1:
         raise DfkdError(f"topk and max_batch must be positive, got {topk} and {max_batch}")
     shape, lock = model.spec.shape, threading.Lock()

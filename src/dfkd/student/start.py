@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dfkd.config import STUDENT_INITS
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 
 
 def _fits(student: torch.Tensor, teacher: torch.Tensor) -> bool:
@@ -40,8 +40,7 @@ def misfits(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 
 def check_start(how: str) -> None:
-    if how not in STUDENT_INITS:
-        raise DfkdError(f"student_init must be one of {', '.join(STUDENT_INITS)}, got '{how}'")
+    require_one_of("student_init", how, STUDENT_INITS)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.models.classifier import Classifier
 from dfkd.options import build_options
 
@@ -227,9 +227,7 @@ def require_positive(opts, *keys: str) -> None:
 
 def require_choice(opts, key: str, choices: tuple[str, ...]) -> None:
     """A one-line error where the option `key` is none of `choices`."""
-    value = getattr(opts, key)
-    if value not in choices:
-        raise DfkdError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
+    require_one_of(key, getattr(opts, key), choices)
 
 
 def device_default(value, gpu, cpu, device: torch.device):
