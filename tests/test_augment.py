@@ -8,6 +8,7 @@ from dfkd.data.augment import (
     default_shift,
     inversion_view,
     mix_pairs,
+    pair_weights,
     random_affine,
     random_roll,
     shift_flip,
@@ -34,7 +35,7 @@ def F_pad(img):
 def test_flip_and_none():
     x = torch.rand(8, 3, 6, 6)
     g = torch.Generator().manual_seed(1)
-    assert torch.equal(apply("none", x, g), x)
+    assert torch.equal(apply("none", x, g)[0], x)
     flipped = shift_flip(x, g, 0, flip=True)
     pairs = zip(flipped, x, strict=True)
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in pairs)
@@ -45,8 +46,8 @@ def test_affine_is_identity_without_range_and_varies_per_sample_with_it():
     x = torch.rand(16, 1, 12, 12)
     still = random_affine(x, torch.Generator().manual_seed(0), 0, degrees=0.0, scale=(1.0, 1.0))
     torch.testing.assert_close(still, x)
-    a = apply("affine", x, torch.Generator().manual_seed(3))
-    assert torch.equal(a, apply("affine", x, torch.Generator().manual_seed(3)))
+    a = apply("affine", x, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, apply("affine", x, torch.Generator().manual_seed(3))[0])
     assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
     assert len({round(float((o - i).abs().sum()), 4) for o, i in zip(a, x, strict=True)}) == 16
     digit = torch.zeros(1, 1, 32, 32)
@@ -85,8 +86,8 @@ def test_unknown_augmentation_is_a_clear_error():
 
 def test_affine_flip_mirrors_some_of_the_affine_outputs():
     x = torch.rand(32, 1, 12, 12)
-    plain = apply("affine", x, torch.Generator().manual_seed(5))
-    both = apply("affine+flip", x, torch.Generator().manual_seed(5))
+    plain = apply("affine", x, torch.Generator().manual_seed(5))[0]
+    both = apply("affine+flip", x, torch.Generator().manual_seed(5))[0]
     same = [torch.equal(b, p) for b, p in zip(both, plain, strict=True)]
     mirrored = [torch.equal(b, p.flip(2)) for b, p in zip(both, plain, strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True))
@@ -102,7 +103,28 @@ def test_mix_blends_each_sample_with_another_of_the_batch():
     assert 0 <= values.min() and values.max() <= 15 and not torch.equal(values, x[:, 0, 0, 0])
     g = torch.Generator().manual_seed(2)  # shift+mix: the shift, then the mix, one RNG
     expected = mix_pairs(shift_flip(x, g, default_shift(4), flip=False), g)
-    assert torch.equal(apply("shift+mix", x, torch.Generator().manual_seed(2)), expected)
+    assert torch.equal(apply("shift+mix", x, torch.Generator().manual_seed(2))[0], expected)
+
+
+def test_stored_targets_follow_the_augmentation():
+    """--relabel stored: the same augmented batch as without targets; a shift keeps each
+    sample's target, a blend's target is the blend of its pair's probabilities."""
+    x = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(16)])
+    logits = torch.randn(16, 10)
+    plain, none = apply("shift", x, torch.Generator().manual_seed(4))
+    shifted, kept = apply("shift", x, torch.Generator().manual_seed(4), logits, 4.0)
+    assert none is None and torch.equal(shifted, plain) and torch.equal(kept, logits)
+    mixed, targets = apply("shift+mix", x, torch.Generator().manual_seed(4), logits, 4.0)
+    assert torch.equal(mixed, apply("shift+mix", x, torch.Generator().manual_seed(4))[0])
+    g = torch.Generator().manual_seed(4)  # the draws of shift+mix: the shift, then the pairs
+    shift_flip(x, g, default_shift(4), flip=False)
+    other, lam = pair_weights(16, g)
+    assert torch.equal(mixed, lam.view(-1, 1, 1, 1) * shifted + (1 - lam.view(-1, 1, 1, 1)) *
+                       shifted[other])
+    probs = torch.softmax(logits / 4.0, 1)
+    expected = lam.view(-1, 1) * probs + (1 - lam.view(-1, 1)) * probs[other]
+    assert torch.allclose(torch.softmax(targets / 4.0, 1), expected, atol=1e-6)
+    assert not torch.allclose(expected, probs, atol=1e-3)
 
 
 def test_cli_offers_exactly_the_augmentations_of_the_engine(capsys):

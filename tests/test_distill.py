@@ -77,6 +77,26 @@ def test_distill_writes_the_whole_run_directory(digits_teacher, tmp_path):
     assert "dfkd distill" not in (out / "config.yaml").read_text()
 
 
+def test_stored_targets_skip_the_teachers_pass_per_step(digits_teacher, tmp_path):
+    """--relabel stored: the same run, but the student's 30 steps cost the teacher nothing and
+    their targets differ from the teacher's on the augmented batches (the same batches)."""
+    stored = distill(_cfg(digits_teacher, tmp_path / "s", relabel="stored"), progress=False)
+    teacher = distill(_cfg(digits_teacher, tmp_path / "t"), progress=False)
+    assert stored["steps"] == teacher["steps"] == 30 and stored["samples"] == 96
+    assert stored["teacher_passes"] == 3 * 32 * 5  # synthesis alone
+    assert teacher["teacher_passes"] == 3 * 32 * 5 + 30 * 32
+    assert stored["student_acc"] > 0.1
+    losses = [[r["loss"] for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "loss" in r]
+              for d in ("s", "t")]
+    assert losses[0] != losses[1]
+    with pytest.raises(DfkdError, match="--relabel stored skips the teacher's pass on each "
+                       "batch, and student loss 'at' needs"):
+        distill(_cfg(digits_teacher, tmp_path / "at", relabel="stored", loss="at"),
+                progress=False)
+    with pytest.raises(DfkdError, match="relabel must be one of teacher, stored, got 'stord'"):
+        distill(_cfg(digits_teacher, tmp_path / "typo", relabel="stord"), progress=False)
+
+
 def test_student_loss_decreases_on_a_fixed_transfer_set(digits_teacher, tmp_path):
     set_dir = tmp_path / "set"
     synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)),

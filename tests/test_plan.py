@@ -15,6 +15,7 @@ from dfkd.engine.plan import (
     Costs,
     Plan,
     Planner,
+    count_flops,
     counted,
     inversion_step,
     measure_costs,
@@ -114,6 +115,10 @@ def test_counted_costs_are_deterministic_and_leave_the_run_untouched():
     assert a == b and a.unit == "flop" and a.inversion > 0 and a.student_step > a.inversion
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    # without the teacher's relabelling a step costs the student's part alone
+    plain = measure_costs(teacher, student, 32, timed=False, relabel=False)
+    forward = count_flops(lambda: teacher(torch.rand(32, *teacher.spec.shape)))
+    assert plain.inversion == a.inversion and plain.student_step == a.student_step - forward
     timed = measure_costs(teacher, student, 32, timed=True)
     assert timed.unit == "s" and timed.inversion > 0 and timed.student_step > 0
 

@@ -16,6 +16,8 @@ from dfkd.io import write_text
 # here, free of torch, so that the CLI can offer them without importing it)
 _BASE_AUGMENTATIONS = ("none", "shift", "shift+flip", "affine", "affine+flip")
 AUGMENTATIONS = (*_BASE_AUGMENTATIONS, *(f"{b}+mix" for b in _BASE_AUGMENTATIONS[1:]))
+# where an augmented batch's targets come from: the teacher on the batch, or the stored ones
+RELABELS = ("teacher", "stored")
 
 # how a teacher may run (dfkd.accel.Accel), here for the same reason as AUGMENTATIONS
 PRECISIONS = ("fp32", "bf16")
@@ -178,6 +180,10 @@ class DistillConfig:
                           "at each step (a forward pass, far cheaper than a new sample): shift, "
                           "then blend random pairs (+mix); affine adds rotation and scale",
                           choices=AUGMENTATIONS)
+    relabel: str = option("teacher", "the targets of augmented batches: teacher (the teacher "
+                          "labels each batch as augmented) or stored (the samples' stored "
+                          "targets, blended with their pairs for +mix: no teacher pass per "
+                          "student step)", choices=RELABELS)
     schedule: str = option("planned", "transfer-set methods: planned (samples per round, "
                            "inversion steps and student steps between rounds planned from "
                            "measured costs for the budget) or fixed (the method's own rounds, "

@@ -29,6 +29,7 @@ from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import (
     DEFENSES,
+    RELABELS,
     SCHEDULES,
     STUDENT_INITS,
     Budget,
@@ -85,6 +86,9 @@ class BenchConfig:
                                "(scratch_real always starts random)", choices=STUDENT_INITS)
     schedule: str = option("planned", "transfer-set rounds of every method: planned by cost or "
                            "fixed", choices=SCHEDULES)
+    relabel: str = option("teacher", "the targets of every transfer-set method's augmented "
+                          "batches: the teacher's on each batch, or the stored ones blended",
+                          choices=RELABELS)
     poison: str = option("", "a backdoor trigger (dfkd.backdoor, e.g. badnets:target=0): every "
                          "suite teacher is poisoned with it (trained so, or a published one "
                          "fine-tuned so), and every run reports teacher and student attack "
@@ -100,7 +104,7 @@ class BenchConfig:
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss", "student_init", "schedule", "poison", "access",
+          "method_options", "loss", "student_init", "schedule", "relabel", "poison", "access",
           "query_budget")
 # fine-tuning a published teacher to poison it (train-teacher --init), unless --teacher-epochs
 POISON_FINETUNE = {"epochs": 10, "lr": 0.01}
@@ -282,7 +286,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
-                             schedule=cfg.schedule,
+                             schedule=cfg.schedule, relabel=cfg.relabel,
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.config import AUGMENTATIONS as CHOICES  # +mix: blend pairs (mix_pairs) after the rest
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 
 FLIP_DATASETS = {"cifar10", "cifar100", "folder"}  # natural images: mirror images stay in class
 
@@ -54,10 +54,27 @@ def mix_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Blend each sample with another of the batch, by a weight drawn uniformly per sample.
     The teacher relabels the blend, so the student sees soft targets between classes: points
     near the teacher's decision boundaries, which synthetic sets lack (mixup, KD-style)."""
-    n = x.shape[0]
-    other = x[torch.randperm(n, generator=gen)]
-    lam = torch.rand((n, 1, 1, 1), generator=gen, dtype=x.dtype)
-    return lam * x + (1 - lam) * other
+    return blend(x, *pair_weights(x.shape[0], gen, x.dtype))
+
+
+def pair_weights(n: int, gen: torch.Generator, dtype=torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's partner (a permutation) and its own weight, uniform in [0, 1)."""
+    other = torch.randperm(n, generator=gen)
+    return other, torch.rand(n, generator=gen, dtype=dtype)
+
+
+def blend(t: torch.Tensor, other: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    lam = lam.view(-1, *[1] * (t.dim() - 1)).to(t.device)
+    return lam * t + (1 - lam) * t[other.to(t.device)]
+
+
+def blend_targets(logits: torch.Tensor, other: torch.Tensor, lam: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Logits whose softmax at `temperature` is the blend of the pair's softmaxes: mixup's
+    label for a blended pair, written for losses that soften logits themselves."""
+    probs = blend(torch.softmax(logits.float() / temperature, 1), other, lam)
+    return temperature * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def random_roll(z: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Tensor:
@@ -88,8 +105,7 @@ def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator
 
 def check_view(view: str) -> None:
     """The `view` option of the inversion methods, checked when the method is built."""
-    if view not in INVERSION_VIEWS:
-        raise DfkdError(f"view must be one of {', '.join(INVERSION_VIEWS)}, got '{view}'")
+    require_one_of("view", view, INVERSION_VIEWS)
 
 
 def cut_mix(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -125,10 +141,15 @@ def check(name: str) -> None:
         raise DfkdError(f"unknown augmentation '{name}'; choose one of: {', '.join(CHOICES)}")
 
 
-def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def apply(name: str, x: torch.Tensor, gen: torch.Generator,
+          logits: torch.Tensor | None = None, temperature: float = 1.0
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented batch, and with the stored samples' teacher `logits` their targets for
+    it (`--relabel stored`): unchanged by shifts, flips and affine views, which keep the
+    class; for +mix, blended as probabilities at `temperature` by the pairs' own weights."""
     check(name)
     if name == "none":
-        return x
+        return x, logits
     base, mixed = name.removesuffix("+mix"), name.endswith("+mix")
     shift = default_shift(x.shape[2])
     if base.startswith("affine"):
@@ -136,4 +157,8 @@ def apply(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         out = random_flip(out, gen) if base == "affine+flip" else out
     else:
         out = shift_flip(x, gen, shift, flip=base == "shift+flip")
-    return mix_pairs(out, gen) if mixed else out
+    if not mixed:
+        return out, logits
+    other, lam = pair_weights(x.shape[0], gen, x.dtype)
+    targets = None if logits is None else blend_targets(logits, other, lam, temperature)
+    return blend(out, other, lam), targets

@@ -181,7 +181,8 @@ def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier
         spr = cfg.steps_per_round or FIXED_STEPS_PER_ROUND
         return Plan(batch, steps, spr, 0, 0, 0.0), Costs(0.0, 0.0, "none"), None
     timed = budget.seconds is not None
-    costs = measure_costs(teacher, student, cfg.batch_size, timed=timed)
+    costs = measure_costs(teacher, student, cfg.batch_size, timed=timed,
+                          relabel=cfg.relabel == "teacher")
     total = budget.seconds if timed else \
         budget.steps * costs.student_step / (1 - SYNTHESIS_SHARE)
     fixed = frozenset(k for k, name in (("batch_size", size_key), ("steps", steps_key))

@@ -26,7 +26,7 @@ from dfkd.accel import Accel, pick_device
 from dfkd.backdoor import Trigger
 from dfkd.blackbox.teacher import QueryBudgetSpent, is_black_box, metered
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
-from dfkd.config import SCHEDULES, Budget, DistillConfig, prepare_run_dir
+from dfkd.config import RELABELS, SCHEDULES, Budget, DistillConfig, prepare_run_dir
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
 from dfkd.engine.method_choice import AUTO, choose_method
@@ -100,6 +100,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     budget = Budget.parse(cfg.budget)
     augment.check(cfg.augment)
     require_choice(cfg, "schedule", SCHEDULES)
+    require_choice(cfg, "relabel", RELABELS)
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
@@ -142,6 +143,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
                                cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
+    if cfg.relabel == "stored" and crit.needs_teacher:
+        raise DfkdError(f"--relabel stored skips the teacher's pass on each batch, and student "
+                        f"loss '{crit.name}' needs the teacher's features from it; use "
+                        "--relabel teacher")
     update = create_update(cfg.update, cfg.update_options, family, crit.name)
     defense = create_defense(cfg.defense, cfg.defense_options, teacher, crit.name, update,
                              cfg.seed)
@@ -256,9 +261,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 break  # an online method's batch used up the budget
             x = batch["x"].to(device)
             teacher_logits = batch["target_logits"].to(device) if "target_logits" in batch else None
-            relabel = source.augment != "none"
-            if relabel:
-                x = augment.apply(source.augment, batch["x"], gen).to(device)
+            augmented = source.augment != "none"
+            relabel = augmented and cfg.relabel == "teacher"
+            if augmented:
+                x, kept = augment.apply(source.augment, batch["x"], gen,
+                                        None if relabel else teacher_logits, temperature)
+                x, teacher_logits = x.to(device), teacher_logits if relabel else kept
             if relabel or (crit.needs_teacher and teacher_logits is not None and not update):
                 # the teacher on exactly the student's batch: new targets after augmentation, and
                 # the features that at, fa and crd compare (LRA taps them on each of its batches)

@@ -52,7 +52,7 @@ MIN_BATCH = 32  # samples per round, at the least (and one per class)
 @dataclass(frozen=True)
 class Costs:
     inversion: float  # seconds (or FLOPs) per image per inversion step
-    student_step: float  # seconds (or FLOPs) per student step, relabelling included
+    student_step: float  # seconds (or FLOPs) per student step, relabelling included if any
     unit: str = "s"  # "s" (timed) or "flop" (counted)
 
 
@@ -128,9 +128,10 @@ def replan_steps_per_round(plan: Plan, costs: Costs, remaining: float, synthesiz
     return max(1, math.floor(student_left / costs.student_step / rounds_left))
 
 
-def _student_step(student, teacher, x: torch.Tensor) -> None:
+def _student_step(student, teacher, x: torch.Tensor, relabel: bool) -> None:
     with torch.no_grad():
-        target = teacher(x)
+        target = teacher(x) if relabel else \
+            torch.zeros(x.shape[0], teacher.spec.num_classes, device=x.device)
     kd_loss(student(x), target, 4.0).backward()
 
 
@@ -139,10 +140,11 @@ def inversion_step(teacher, x: torch.Tensor) -> None:
     teacher.net(teacher.normalize(x)).logsumexp(1).sum().backward()
 
 
-def measure_costs(teacher, student, batch_size: int, *, timed: bool, probe_batch: int = 64
-                  ) -> Costs:
+def measure_costs(teacher, student, batch_size: int, *, timed: bool, relabel: bool = True,
+                  probe_batch: int = 64) -> Costs:
     """What an inversion step per image and a student step of `batch_size` cost with these
-    models on their device: timed (the median of three after a warm-up), or counted in FLOPs.
+    models on their device (with the teacher's relabelling of the batch unless `relabel` is
+    off): timed (the median of three after a warm-up), or counted in FLOPs.
     The student is a copy in train mode, so the run's own student and RNG are untouched."""
     student = copy.deepcopy(student).train()
     device = teacher.mean.device
@@ -152,10 +154,10 @@ def measure_costs(teacher, student, batch_size: int, *, timed: bool, probe_batch
         x_step = torch.rand(batch_size, *teacher.spec.shape, device=device)
         if timed:
             inv = _median_seconds(lambda: inversion_step(teacher, x_inv), device) / probe_batch
-            step = _median_seconds(lambda: _student_step(student, teacher, x_step), device)
+            step = _median_seconds(lambda: _student_step(student, teacher, x_step, relabel), device)
             return Costs(inv, step, "s")
         return Costs(count_flops(lambda: inversion_step(teacher, x_inv)) / probe_batch,
-                     count_flops(lambda: _student_step(student, teacher, x_step)), "flop")
+                     count_flops(lambda: _student_step(student, teacher, x_step, relabel)), "flop")
     finally:
         torch.set_rng_state(rng_state)
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfkd.data import augment
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.hooks import Tap, stage_outputs
 from dfkd.losses import feature_affinity_loss, kd_loss
 from dfkd.models.classifier import Classifier
@@ -40,8 +40,7 @@ class FinetuneOptions:
 
 
 def check_options(o: FinetuneOptions) -> None:
-    if o.loss not in LOSSES:
-        raise DfkdError(f"--finetune must be one of {', '.join(LOSSES)}, got '{o.loss}'")
+    require_one_of("--finetune", o.loss, LOSSES)
     if o.steps <= 0 or o.batch_size <= 0 or o.lr <= 0:
         raise DfkdError(f"fine-tuning steps, batch size and lr must be positive, got {o.steps}, "
                         f"{o.batch_size}, {o.lr}")
@@ -105,7 +104,7 @@ def finetune(prepared: torch.fx.GraphModule, model: Classifier, x: torch.Tensor,
                 quant.set_observers(prepared, False)
             cosine_lr(opt, opts.lr, step / opts.steps)
             idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
-            xb = augment.apply("shift+mix", x[idx], gen).to(device)
+            xb = augment.apply("shift+mix", x[idx], gen)[0].to(device)
             with torch.no_grad():
                 if taps:
                     for t in teacher_taps:
