@@ -99,6 +99,23 @@ def test_objectives_behave_as_their_papers_say():
         0.1 * math.sqrt(3))
 
 
+def test_momentum_bn_prior_measures_only_inversion_steps():
+    """Labelling, relabelling and evaluation run the teacher without autograd: the hook prices
+    nothing there and keeps the last inversion step's statistics for commit."""
+    bn = torch.nn.BatchNorm2d(2).eval()
+    hook = fast_mod.MomentumBNHook(bn, 0.9)
+    x = torch.randn(4, 2, 3, 3)
+    bn(x)
+    assert hook.loss is not None
+    last = hook.last
+    with torch.no_grad():
+        bn(x + 5)
+    assert hook.loss is None and hook.last is last
+    hook.commit()
+    assert torch.equal(hook.past[0], x.mean((0, 2, 3)))
+    hook.handle.remove()
+
+
 # ---- batches, schedules, determinism ----------------------------------------------------------
 
 @pytest.mark.parametrize("method", ALL)

@@ -83,7 +83,10 @@ def momentum_bn_distance(mean: torch.Tensor, var: torch.Tensor, running_mean: to
 
 
 class MomentumBNHook:
-    """BN prior of one teacher BatchNorm against momentum-averaged batch statistics."""
+    """BN prior of one teacher BatchNorm against momentum-averaged batch statistics. Measured
+    only when autograd is on, like `BNStatsHook`: the teacher's no-grad passes (labelling, the
+    relabelling of every student step, evaluation) never read it. After one, `loss` is None
+    and `last` still holds the statistics of the last inversion step, which `commit` folds."""
 
     def __init__(self, module, momentum: float):
         self.module, self.momentum = module, momentum
@@ -92,6 +95,9 @@ class MomentumBNHook:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
+        if not torch.is_grad_enabled():
+            self.loss = None
+            return
         x = inputs[0].float()
         dims = [0] + list(range(2, x.ndim))
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
