@@ -4,7 +4,9 @@ Times, at one batch size, the passes that make up synthesis and student training
 and student pair (the published CIFAR-10 ResNet-20 -> resnet8a by default):
 teacher forward without gradients (labelling, relabelling), teacher forward and backward to the
 input (an inversion step), student forward and backward (a student step without the teacher),
-and a generator's forward and backward at two widths (the generator methods' extra work).
+a generator's forward and backward at two widths (the generator methods' extra work), and last
+the teacher's no-grad forward again with nayer's BatchNorm prior hooked on it, as it is during a
+nayer or fast run (what its hooks add to every relabelling).
 
     python benchmarks/cost_breakdown.py --teacher ../shared/models/cifar10/resnet20-12fca82f.th
 """
@@ -17,6 +19,7 @@ import time
 import torch
 
 from dfkd.models.classifier import load_classifier, new_classifier
+from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.generative import build_generator
 
 
@@ -68,6 +71,9 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, batch {a.batch}, ms per image:")
     for name, fn in rows:
         print(f"  {per_image_ms(fn, a.batch, a.repeats):7.3f}  {name}")
+    create_synthesizer("nayer", teacher, {}, seed=0)  # hooks the teacher's BatchNorm layers
+    print(f"  {per_image_ms(relabel, a.batch, a.repeats):7.3f}  teacher forward, no grad, "
+          "with nayer's BatchNorm prior hooked")
 
 
 if __name__ == "__main__":
