@@ -8,6 +8,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.models import create_model, is_registered, list_models, model_input_shape
+from dfkd.models.registry import register_model
 
 CLASSIFIERS = [
     "digits_cnn", "digits_cnn_quarter", "lenet5", "lenet5_half",
@@ -88,3 +89,15 @@ def test_kind_and_kwargs_are_checked() -> None:
         create_model("resnet8", nz=3)
     with pytest.raises(DfkdError):
         model_input_shape("generator_8")
+    with pytest.raises(DfkdError, match="kind must be one of classifier, generator, got 'clas"):
+        create_model("resnet8", kind="clasifier")
+
+
+def test_registration_mistakes_are_one_line_errors() -> None:
+    with pytest.raises(DfkdError, match="kind must be one of"):
+        register_model("net", kind="teacher", input_shape=(1, 8, 8))
+    with pytest.raises(DfkdError, match="must declare their default input_shape"):
+        register_model("net")
+    with pytest.raises(DfkdError, match="'resnet8' is already registered"):
+        register_model("resnet8", input_shape=(3, 32, 32))(lambda: nn.Linear(1, 1))
+    assert list_models() == sorted(CLASSIFIERS + list(GENERATORS))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 
 KINDS = ("classifier", "generator")
 
@@ -34,15 +34,14 @@ def register_model(
     input_shape: tuple[int, int, int] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Decorator that registers a factory under `name` (default: the function's name)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    require_one_of("kind", kind, KINDS)
     if kind == "classifier" and input_shape is None:
-        raise ValueError("classifiers must declare their default input_shape (C, H, W)")
+        raise DfkdError("classifiers must declare their default input_shape (C, H, W)")
 
     def decorator(factory: Factory) -> Factory:
         key = name or factory.__name__
         if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is already registered")
+            raise DfkdError(f"model {key!r} is already registered")
         _REGISTRY[key] = _Entry(factory, kind, input_shape)
         return factory
 
@@ -82,8 +81,8 @@ def _lookup(name: str) -> _Entry | None:
 
 def _entry(name: str, kind: str | None = None) -> _Entry:
     """Look a name up, failing with a one-line message that lists the valid choices."""
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind is not None:
+        require_one_of("kind", kind, KINDS)
     entry = _lookup(name)
     choices = ", ".join(list_models(kind))
     if entry is None:
