@@ -236,7 +236,7 @@ def test_fast_meta_learns_its_generator_and_momentum_statistics(teacher, student
         assert not torch.equal(_params(synth.G), before), meta
         assert all(h.past is not None for h in synth.bn_hooks)
         assert synth.teacher_passes == 16 * (3 + 1)
-    with pytest.raises(DfkdError, match="meta must be reptile or fomaml"):
+    with pytest.raises(DfkdError, match="meta must be one of reptile, fomaml"):
         create_synthesizer("fast", teacher, _opts("fast", meta="maml"), seed=0)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 
 if TYPE_CHECKING:
     from dfkd.models.classifier import Classifier
@@ -93,8 +93,7 @@ class BNStatsHook:
     """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, distance: str = "l2"):
-        if distance not in ("l2", "kl"):
-            raise DfkdError(f"BatchNorm distance must be l2 or kl, got '{distance}'")
+        require_one_of("BatchNorm distance", distance, ("l2", "kl"))
         self.module, self.loss, self.muted, self.distance = module, None, False, distance
         self.handle = module.register_forward_hook(self._hook)
 

@@ -43,6 +43,7 @@ from dfkd.synthesis.base import (
     balanced_targets,
     device_default,
     register_method,
+    require_choice,
     require_positive,
     student_as_judge,
 )
@@ -163,8 +164,7 @@ class Fast(Synthesizer):
         super().__init__(teacher, options, seed)
         o = options
         o.ngf = device_default(o.ngf, 64, 16, self.device)
-        if o.meta not in ("reptile", "fomaml"):
-            raise DfkdError(f"meta must be reptile or fomaml, got '{o.meta}'")
+        require_choice(o, "meta", ("reptile", "fomaml"))
         require_positive(o, "batch_size", "g_steps", "nz", "ngf", "lr_g", "lr_z")
         self.bn_hooks = momentum_bn_prior(self.name, teacher, o.bn_weight, o.bn_momentum)
         self.G = build_generator(teacher, o.generator, o.nz, o.ngf, self.batch_seed(-1))
