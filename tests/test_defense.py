@@ -10,6 +10,7 @@ from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.models.classifier import Classifier, InputSpec, load_classifier
 from dfkd.student.defense import ABD, ABDOptions, create_defense, shuffled_copy
+from dfkd.student.defense_base import Defense
 from dfkd.student.losses import create_student_loss
 
 SPEC = InputSpec((1, 8, 8), (0.5,), (0.5,), 4)
@@ -191,3 +192,18 @@ def test_a_defended_run_starts_random_and_reports_the_defence(digits_teacher, tm
         create_defense("abd", {}, load_classifier(digits_teacher), "kd", object(), 0)
     with pytest.raises(DfkdError, match="unknown defence"):
         create_defense("strip", {}, load_classifier(digits_teacher), "kd", None, 0)
+
+
+def test_both_defences_are_defenses_and_the_hooks_they_skip_do_nothing():
+    teacher = _conv_net()
+    abd = create_defense("abd", {}, teacher, "kd", None, 0)
+    nc = create_defense("nc", {}, teacher, "kd", None, 0)
+    assert isinstance(abd, Defense) and isinstance(nc, Defense)
+    assert create_defense("none", {}, teacher, "kd", None, 0) is None
+    x = torch.rand(4, 1, 8, 8)
+    assert abd.inputs(x, 0.5, torch.Generator()) is x
+    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
+    nc.set_lr(opt, 0.99)
+    assert opt.param_groups[0]["lr"] == 0.1
+    with pytest.raises(NotImplementedError, match="'nc' does not weigh"):
+        nc.student_loss(None, teacher, x, teacher(x), {})

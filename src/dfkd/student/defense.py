@@ -1,11 +1,10 @@
 """Backdoor defences for the student (`dfkd distill --defense`): a teacher with a backdoor hands
 it to a data-free student, because synthetic samples reach the regions the trigger controls.
 
-A defence may change the student's batch (`inputs`), weigh its loss (`student_loss`, where
-`weighs_loss`), add to its gradients (`after_backward`) and cap its learning rate (`set_lr`);
-none ever sees a trigger. `nc`, trigger reversal and unlearning, is in
-dfkd.student.trigger_reversal. `abd`, here: Anti-Backdoor Data-free KD (Hong et al., ICML 2023;
-the authors' code, illidanlab/ABD), in two parts:
+A defence (dfkd.student.defense_base.Defense) may change the student's batch, weigh its loss, add
+to its gradients and cap its learning rate; none ever sees a trigger. `nc`, trigger reversal and
+unlearning, is in dfkd.student.trigger_reversal. `abd`, here: Anti-Backdoor Data-free KD (Hong
+et al., ICML 2023; the authors' code, illidanlab/ABD), in two parts:
 
 - Shuffling vaccine (SV). Backdoor behaviour rests on few channels, so a copy of the teacher
   whose last convolutions read their input channels in a random order loses its clean accuracy
@@ -57,6 +56,7 @@ from dfkd.hooks import head_path, hookless_copy
 from dfkd.losses import kd_loss
 from dfkd.models.classifier import Classifier
 from dfkd.options import build_options
+from dfkd.student.defense_base import Defense
 from dfkd.student.trigger_reversal import ReversalOptions, TriggerReversal
 
 
@@ -92,7 +92,7 @@ def shuffled_copy(teacher: Classifier, layers: int, gen: torch.Generator) -> Cla
     return Classifier(net, teacher.spec, teacher.arch).eval().requires_grad_(False)
 
 
-class ABD:
+class ABD(Defense):
     """The ABD defence of one run: its shuffled teachers and its counters."""
 
     name = "abd"
@@ -153,9 +153,6 @@ class ABD:
                 away = torch.minimum(away, crit(uniform, teacher_logits[suspects], {}).detach())
             loss = loss - self.opts.sv_weight * away
         return loss
-
-    def inputs(self, x: torch.Tensor, progress: float, gen: torch.Generator) -> torch.Tensor:
-        return x
 
     def after_backward(self, student: Classifier, teacher: Classifier, x: torch.Tensor,
                        gen: torch.Generator, progress: float) -> None:
@@ -244,7 +241,7 @@ class ABD:
 
 
 def create_defense(name: str, options: dict, teacher: Classifier, loss: str, update,
-                   seed: int) -> ABD | TriggerReversal | None:
+                   seed: int) -> Defense | None:
     """The run's backdoor defence, or None."""
     if name not in DEFENSES:
         raise DfkdError(f"unknown defence '{name}'; choose one of: {', '.join(DEFENSES)}")

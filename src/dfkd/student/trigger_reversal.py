@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from dfkd.errors import DfkdError
 from dfkd.hooks import hookless_copy
 from dfkd.models.classifier import Classifier
+from dfkd.student.defense_base import Defense
 
 SHAPES = ("patch", "blend")
 
@@ -119,7 +120,7 @@ def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOpti
     return Reversed(shape, best_masks, best_patterns, best)
 
 
-class TriggerReversal:
+class TriggerReversal(Defense):
     """The `nc` defence of one run: searches the teacher's triggers once, then stamps the
     flagged ones into a share of every student batch."""
 
@@ -172,12 +173,6 @@ class TriggerReversal:
         x[rows] = (1 - masks) * x[rows] + masks * patterns  # Reversed.stamp, row by row
         self.stamped_rows += n
         return x
-
-    def set_lr(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
-        pass
-
-    def after_backward(self, student, teacher, x, gen, progress) -> None:
-        pass
 
     def state_dict(self) -> dict:
         found = None if self.found is None else \
