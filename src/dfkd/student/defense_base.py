@@ -1,7 +1,7 @@
 """What a backdoor defence is to the distillation loop (`dfkd distill --defense`).
 
-The loop calls each hook at one point of every student step; a defence overrides the ones it
-needs and inherits the rest as no-ops, so a new defence cannot miss one silently.
+The loop calls every hook at its point of every student step; a defence overrides the ones it
+needs and inherits the rest as no-ops, so the loop need not ask which ones a defence has.
 """
 
 from __future__ import annotations
