@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from dfkd.config import DEFENSES
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.hooks import head_path, hookless_copy
 from dfkd.losses import kd_loss
 from dfkd.models.classifier import Classifier
@@ -243,8 +243,7 @@ class ABD(Defense):
 def create_defense(name: str, options: dict, teacher: Classifier, loss: str, update,
                    seed: int) -> Defense | None:
     """The run's backdoor defence, or None."""
-    if name not in DEFENSES:
-        raise DfkdError(f"unknown defence '{name}'; choose one of: {', '.join(DEFENSES)}")
+    require_one_of("defense", name, DEFENSES)
     if name == "none":
         if options:
             raise DfkdError("--defense-set needs --defense abd or nc")
