@@ -48,12 +48,15 @@ def test_bench_writes_every_output_with_anchors_and_gap(finished):
         assert set(REQUIRED_KEYS) <= set(r) and r["seed"] == 0 and r["dataset"] == "digits"
         assert r["gap"] == pytest.approx(kd - r["student_acc"], abs=1e-6)
         assert r["curve"] and r["curve"][-1]["student_acc"] == r["student_acc"]
+        assert r["machine_gflops"] > 0  # the machine's speed beside each wall-clock number
     assert records[0]["gap"] == 0 and records[1]["teacher_passes"] == 0
     assert json.loads((out / "results.json").read_text()) == records
     md = (out / "results.md").read_text()
     assert "kd_real (real data)" in md and "| deepinv |" in md and "| noise |" in md
+    assert "| matmul GFLOP/s |" in md and "fp32 matmul" in md
     machine = json.loads((out / "machine.json").read_text())
     assert {"cpu_count", "cpu_model", "gpu", "torch"} <= set(machine)
+    assert machine["matmul_gflops"] > 0
 
 
 def test_same_teacher_for_every_method_of_a_seed(finished):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,23 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def matmul_gflops(device: torch.device, seconds: float = 0.3, size: int = 512) -> float:
+    """The device's fp32 matrix-multiply rate now, in GFLOP/s: the same machine runs faster or
+    slower from one day to the next, and a wall-clock number is read against this rate."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up: allocator, kernels, thread pool
+        a @ b
+    sync()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or calls == 0:
+        a @ b
+        sync()
+        calls += 1
+    return round(2 * size**3 * calls / elapsed / 1e9, 1)
+
+
 def machine_info() -> dict:
     memory = None
     try:
@@ -35,13 +53,15 @@ def machine_info() -> dict:
     return {"cpu_count": os.cpu_count(), "cpu_model": device_name(torch.device("cpu")),
             "memory_gib": memory, "gpu": gpu, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "dfkd": __version__}
+            "platform": platform.platform(), "dfkd": __version__,
+            "matmul_gflops": matmul_gflops(torch.device("cpu"))}
 
 
 def machine_line(m: dict) -> str:
     return (f"{m['cpu_count']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"GPU: {m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"Python {m['python']}")
+            f"Python {m['python']}"
+            + (f", fp32 matmul {m['matmul_gflops']} GFLOP/s" if m.get("matmul_gflops") else ""))
 
 
 def free_port() -> int:

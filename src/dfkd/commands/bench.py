@@ -382,7 +382,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "family": ok[0]["family"] if ok else None}
         for key in ("student_acc", "gap", "agreement", "teacher_acc", "synthesis_seconds",
                     "train_seconds", "teacher_passes", "steps", "student_asr", "teacher_asr",
-                    "queries"):
+                    "queries", "machine_gflops"):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = _mean_std(values) if values else None
         rows.append(row)
@@ -408,7 +408,7 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
     columns = ["method", "student acc", "gap to kd_real", "agreement", "teacher acc",
                *(["student ASR", "teacher ASR"] if cfg.poison else []),
                *(["queries"] if cfg.access else []), "synthesis s",
-               "train s", "teacher passes", "steps", "runs"]
+               "train s", "teacher passes", "steps", "matmul GFLOP/s", "runs"]
     notes = (f" Every teacher carries the backdoor `{cfg.poison}`; ASR = the share of test "
                 "images of other classes that its trigger sends to the target class (evaluation "
                 "only)." if cfg.poison else "")
@@ -419,7 +419,9 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
                  if cfg.access else "")
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
-              "data; every other row is data-free." + notes, "",
+              "data; every other row is data-free. matmul GFLOP/s: the machine's fp32 rate, "
+              "measured after each run (one machine's speed varies from day to day; read "
+              "wall-clock rows against it)." + notes, "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blanks = " |" * (len(columns) - 2)  # closes the error cell and the empty cells after it
     for row in summarize(records):
@@ -435,8 +437,8 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
             name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
             _pm(row["teacher_acc"], 100), *extra, _pm(row["synthesis_seconds"], 1, 1),
             _pm(row["train_seconds"], 1, 1), _passes(row["teacher_passes"]),
-            _pm(row["steps"], 1, 0), str(row["runs"]) + (f" ({row['failed']} failed)"
-                                                       if row["failed"] else "")]) + " |")
+            _pm(row["steps"], 1, 0), _pm(row["machine_gflops"], 1, 0),
+            str(row["runs"]) + (f" ({row['failed']} failed)" if row["failed"] else "")]) + " |")
     return "\n".join(lines) + "\n"
 
 
