@@ -17,8 +17,8 @@ from dfkd.losses import (
     logit_l1_loss,
     nce_loss,
 )
-from dfkd.models.classifier import Classifier, InputSpec, new_classifier
-from dfkd.student.losses import CHOICES, create_student_loss
+from dfkd.models.classifier import Classifier, InputSpec, new_classifier, save_classifier
+from dfkd.student.losses import CHOICES, create_student_loss, method_loss
 
 SPEC = InputSpec((1, 8, 8), (0.5,), (0.5,), 10, "digits")
 
@@ -219,6 +219,16 @@ def test_models_without_feature_maps_are_a_clear_error(pair):
         _loss("crd", no_head, student, x)
 
 
+def test_a_method_whose_loss_pairs_feature_maps_falls_back_to_kd_on_a_model_without_them(pair):
+    teacher, student, _ = pair
+    assert method_loss("at", "zskt", teacher, student) == ("at", "")
+    mlp = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), SPEC, "mlp")
+    name, why = method_loss("at", "zskt", mlp, student)
+    assert name == "kd" and "'zskt' pairs its student loss 'at'" in why and "teacher (mlp)" in why
+    assert method_loss("at", "zskt", teacher, mlp)[1].endswith("the student learns by kd alone")
+    assert method_loss("l1", "dfad", mlp, mlp) == ("l1", "")
+
+
 def test_bad_names_options_and_values_are_one_line_errors(pair):
     with pytest.raises(DfkdError, match="unknown student loss 'magic'; choose one of: kd, l1, "
                        "at, fa, crd") as e:
@@ -285,6 +295,19 @@ def test_crd_trains_on_a_transfer_set_and_refuses_online_methods(digits_teacher,
     with pytest.raises(DfkdError, match="'crd' needs a fixed transfer set.*'noise' is online"):
         distill(_cfg(digits_teacher, tmp_path / "online", loss="crd"), progress=False)
     assert not (tmp_path / "online").exists()
+
+
+def test_zskt_runs_on_an_mlp_teacher_with_kd_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    save_classifier(new_classifier("mlp_32", SPEC), tmp_path / "mlp.safetensors")
+    teacher = tmp_path / "mlp.safetensors"
+    report = distill(_cfg(teacher, tmp_path / "zskt", method="zskt", student="mlp_16",
+                          method_options={"batch_size": 16}), progress=False)
+    assert report["student_loss"] == "kd" and report["steps"] == 3
+    assert "teacher (mlp_32) has none" in report["student_loss_fallback"]
+    with pytest.raises(DfkdError, match="'at' matches 4-D feature maps"):  # asked for: no swap
+        distill(_cfg(teacher, tmp_path / "at", method="zskt", student="mlp_16", loss="at"),
+                progress=False)
 
 
 def test_scratch_real_keeps_its_cross_entropy(digits_teacher, tmp_path):

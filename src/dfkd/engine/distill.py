@@ -40,7 +40,7 @@ from dfkd.models.classifier import Classifier, new_classifier, save_classifier
 from dfkd.optim import cosine_lr, make_optimizer
 from dfkd.report import save_curves, save_samples, write_report
 from dfkd.student.defense import create_defense
-from dfkd.student.losses import StudentLoss, create_student_loss
+from dfkd.student.losses import StudentLoss, create_student_loss, method_loss
 from dfkd.student.start import start_student
 from dfkd.student.update import create_update
 from dfkd.synthesis import create_synthesizer
@@ -141,8 +141,13 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         check_black_box(cfg, synth)
     start = start_student(student.net, None if black_box else teacher.net,
                           "random" if black_box else requested_start(cfg, synth))
-    crit = create_student_loss(cfg.loss or (synth.student_loss if synth else "kd"),
-                               cfg.loss_options, teacher=teacher, student=student,
+    loss, loss_fallback = cfg.loss, ""  # an asked-for loss is never swapped
+    if not loss:
+        loss, loss_fallback = method_loss(synth.student_loss if synth else "kd", method, teacher,
+                                          student)
+    if loss_fallback and progress:
+        tqdm.write(loss_fallback)
+    crit = create_student_loss(loss, cfg.loss_options, teacher=teacher, student=student,
                                temperature=temperature, method=method, family=family)
     if cfg.relabel == "stored" and crit.needs_teacher:
         raise DfkdError(f"--relabel stored skips the teacher's pass on each batch, and student "
@@ -328,6 +333,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                           state, passes(), source, synth, device, base_lr, start,
                           parts=(crit, synth, update, defense, teacher if black_box else None))
     report["ended_by"] = ended_by
+    if loss_fallback:
+        report["student_loss_fallback"] = loss_fallback
     if choice:
         report["method_choice"] = choice
     write_report(report, out)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.hooks import Tap, dummy_forward, get_module, head_path, matched_layers
+from dfkd.hooks import Tap, dummy_forward, get_module, head_path, matched_layers, stage_outputs
 from dfkd.losses import (
     attention_transfer_loss,
     fast_feature_affinity_loss,
@@ -65,6 +65,7 @@ class StudentLoss(nn.Module):
     Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = False  # reads teacher features on the student's batch
     needs_index: ClassVar[bool] = False  # reads the batch's transfer-set indices
+    by_stage: ClassVar[bool] = False  # pairs 4-D feature maps stage by stage
 
     def __init__(self, opts, temperature: float, teacher: Classifier, student: Classifier):
         super().__init__()
@@ -161,6 +162,7 @@ class ATOptions:
 
 class AT(StudentLoss):
     name = "at"
+    by_stage = True
     Options = ATOptions
     needs_teacher = True
 
@@ -191,6 +193,7 @@ class FAOptions:
 
 class FA(StudentLoss):
     name = "fa"
+    by_stage = True
     Options = FAOptions
     needs_teacher = True
 
@@ -329,6 +332,20 @@ def _check(ok: bool, message: str) -> None:
 
 LOSSES: dict[str, type[StudentLoss]] = {c.name: c for c in (KD, L1, AT, FA, CRD, CE)}
 CHOICES = ("kd", "l1", "at", "fa", "crd")  # offered by --loss; ce is the scratch_real anchor's
+
+
+def method_loss(name: str, method: str, teacher: Classifier,
+                student: Classifier) -> tuple[str, str]:
+    """The method's own student loss, or kd where that loss pairs feature maps the models lack
+    (zskt's attention transfer on an MLP), so that the method still runs on any classifier;
+    the second item says why kd, or is empty."""
+    if LOSSES[name].by_stage:
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not stage_outputs(model):
+                return "kd", (f"method '{method}' pairs its student loss '{name}' with 4-D "
+                              f"feature maps, and the {role} ({model.arch}) has none: the "
+                              "student learns by kd alone")
+    return name, ""
 
 
 def create_student_loss(name: str, options: dict, *, teacher: Classifier, student: Classifier,
