@@ -75,7 +75,7 @@ def test_inversion_views_roll_affine_none():
     assert len({round(float(m.sum()), 3) for m in moved.detach()}) == 16  # one move per sample
     moved.pow(2).sum().backward()
     assert stroke.grad.abs().sum() > 0
-    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
         inversion_view(z, "warp", 2, torch.Generator(), fill)
 
 

@@ -110,7 +110,8 @@ def test_student_init_reaches_every_student_but_scratch_real(tmp_path):
     assert {r["method"]: r["student_init"] for r in records} == {
         "kd_real": "teacher", "scratch_real": "random", "noise": "teacher"}
     assert "starts from the teacher's weights" in (tmp_path / "b" / "results.md").read_text()
-    with pytest.raises(DfkdError, match="student_init must be one of auto, random, teacher"):
+    with pytest.raises(DfkdError,
+                       match="unknown student_init 'pruned'; choose one of: auto, random, teacher"):
         run_bench(_cfg(tmp_path / "bad", student_init="pruned"), progress=False)
     assert not (tmp_path / "bad" / "b").exists()
 
@@ -169,6 +170,8 @@ def test_suite_errors(tmp_path):
         run_bench(_cfg(tmp_path, suite="mnist"), progress=False)
     with pytest.raises(DfkdError, match="unknown suite 'imagenet'"):
         run_bench(_cfg(tmp_path, suite="imagenet"), progress=False)
+    with pytest.raises(DfkdError, match="suite 'throughput' is timed by `dfkd bench"):
+        run_bench(_cfg(tmp_path, suite="throughput"), progress=False)
 
 
 def test_wall_clock_budget_stops_synthesis_mid_round(digits_teacher, tmp_path):

@@ -137,7 +137,7 @@ def test_the_server_answers_at_its_access_level_and_refuses_bad_requests(model):
     with serving(create_app(model, "top1")) as url:
         r = httpx.post(f"{url}/v1/predict", content=encode_inputs(x), headers=npy)
         assert r.json() == {"classes": expected.argmax(1).tolist()}
-    with pytest.raises(DfkdError, match="access must be one of"):
+    with pytest.raises(DfkdError, match="unknown access .logits.; choose one of"):
         create_app(model, "logits")
 
 
@@ -545,7 +545,7 @@ def test_db3kd_blobs_reach_a_class_the_reference_noise_misses():
     flat = Classifier(torch.nn.Linear(5, 3), InputSpec((5,), (0.0,), (1.0,), 3), "lin")
     draws = DB3KD(flat, DB3KD.Options(), seed=0).noise(7, torch.Generator().manual_seed(0))
     assert draws.shape == (7, 5)  # no blobs without an image, and no broadcast into 4 dims
-    with pytest.raises(DfkdError, match="noise must be one of mixed, reference, got 'pink'"):
+    with pytest.raises(DfkdError, match="unknown noise 'pink'; choose one of: mixed, reference"):
         DB3KD(teacher, DB3KD.Options(noise="pink"), seed=0)
 
 

@@ -190,7 +190,7 @@ def test_a_defended_run_starts_random_and_reports_the_defence(digits_teacher, tm
                                   out=str(tmp_path / "c")), progress=False)
     with pytest.raises(DfkdError, match="--update plain"):
         create_defense("abd", {}, load_classifier(digits_teacher), "kd", object(), 0)
-    with pytest.raises(DfkdError, match="defense must be one of none, abd, nc, got 'strip'"):
+    with pytest.raises(DfkdError, match="unknown defense 'strip'; choose one of: none, abd, nc"):
         create_defense("strip", {}, load_classifier(digits_teacher), "kd", None, 0)
 
 

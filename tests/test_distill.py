@@ -93,7 +93,7 @@ def test_stored_targets_skip_the_teachers_pass_per_step(digits_teacher, tmp_path
                        "batch, and student loss 'at' needs"):
         distill(_cfg(digits_teacher, tmp_path / "at", relabel="stored", loss="at"),
                 progress=False)
-    with pytest.raises(DfkdError, match="relabel must be one of teacher, stored, got 'stord'"):
+    with pytest.raises(DfkdError, match="unknown relabel 'stord'; choose one of: teacher, stored"):
         distill(_cfg(digits_teacher, tmp_path / "typo", relabel="stord"), progress=False)
 
 
@@ -359,7 +359,7 @@ def test_synthesize_chooses_its_method_by_distills_rule(digits_teacher, tmp_path
 
 
 def test_an_unknown_precision_fails_before_any_work(digits_teacher, tmp_path):
-    with pytest.raises(DfkdError, match="precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(DfkdError, match="unknown precision 'fp16'; choose one of: fp32, bf16"):
         distill(_cfg(digits_teacher, tmp_path / "r", precision="fp16"), progress=False)
     assert not (tmp_path / "r").exists()
 

@@ -236,7 +236,7 @@ def test_fast_meta_learns_its_generator_and_momentum_statistics(teacher, student
         assert not torch.equal(_params(synth.G), before), meta
         assert all(h.past is not None for h in synth.bn_hooks)
         assert synth.teacher_passes == 16 * (3 + 1)
-    with pytest.raises(DfkdError, match="meta must be one of reptile, fomaml"):
+    with pytest.raises(DfkdError, match="unknown meta 'maml'; choose one of: reptile, fomaml"):
         create_synthesizer("fast", teacher, _opts("fast", meta="maml"), seed=0)
 
 
@@ -280,7 +280,7 @@ def test_nayer_embeddings_and_refusals(teacher):
     assert rand.shape == (10, 8)
     assert torch.equal(rand, create_synthesizer("nayer", teacher, _opts("nayer"), seed=0)
                        .G.embedding)  # fixed by the seed
-    with pytest.raises(DfkdError, match="embedding must be one of random, head"):
+    with pytest.raises(DfkdError, match="unknown embedding 'clip'; choose one of: random, head"):
         create_synthesizer("nayer", teacher, _opts("nayer", embedding="clip"), seed=0)
     t, _, _ = _mlp_pair()
     with pytest.raises(DfkdError, match="no BatchNorm layer.*bn_weight=0"):

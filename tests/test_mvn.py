@@ -156,11 +156,12 @@ def test_mvn_synthesis_matches_the_soft_targets(digits_teacher):
 
 def test_mvn_option_errors():
     teacher = _random("lenet5")
-    with pytest.raises(DfkdError, match="cov must be one of weights, bn, bootstrap"):
+    with pytest.raises(DfkdError,
+                       match="unknown cov 'magic'; choose one of: weights, bn, bootstrap"):
         create_synthesizer("mvn", teacher, {"cov": "magic"}, 0)
-    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
         create_synthesizer("mvn", teacher, {"view": "warp"}, 0)
-    with pytest.raises(DfkdError, match="view must be one of affine, roll, none, got 'warp'"):
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
         create_synthesizer("deepinv", teacher, {"view": "warp"}, 0)
     with pytest.raises(DfkdError, match="sigma and temperature must be positive"):
         create_synthesizer("mvn", teacher, {"sigma": "0"}, 0)

@@ -161,7 +161,7 @@ def test_the_fixed_schedule_and_a_given_steps_per_round(digits_teacher, tmp_path
     assert fixed["plan"]["steps_per_round"] == 200 and fixed["synthesis_rounds"] == 1
     given = distill(_cfg(digits_teacher, tmp_path / "g", steps_per_round=10), progress=False)
     assert given["plan"]["steps_per_round"] == 10 and given["synthesis_rounds"] == 3
-    with pytest.raises(DfkdError, match="schedule must be one of planned, fixed"):
+    with pytest.raises(DfkdError, match="unknown schedule 'soon'; choose one of: planned, fixed"):
         distill(_cfg(digits_teacher, tmp_path / "bad", schedule="soon"), progress=False)
 
 

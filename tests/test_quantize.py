@@ -54,7 +54,7 @@ def test_bn_hook_kl_is_zero_on_the_stored_statistics_and_refuses_unknown_distanc
     assert hook.loss.item() == pytest.approx(0, abs=1e-6)
     bn(2 * x + 1)
     assert hook.loss.item() > 0.5
-    with pytest.raises(DfkdError, match="distance must be one of l2, kl"):
+    with pytest.raises(DfkdError, match="unknown BatchNorm distance 'l1'; choose one of: l2, kl"):
         BNStatsHook(bn, "l1")
 
 

@@ -83,7 +83,8 @@ def test_a_student_that_is_no_slimmer_copy_is_a_one_line_error(teacher_arch, stu
     with pytest.raises(DfkdError, match="slimmer copy") as err:
         start_student(student, teacher, "teacher")
     assert named in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(DfkdError, match="student_init must be one of auto, random, teacher"):
+    with pytest.raises(DfkdError,
+                       match="unknown student_init 'pruned'; choose one of: auto, random, teacher"):
         start_student(student, teacher, "pruned")
 
 

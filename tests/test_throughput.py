@@ -163,7 +163,7 @@ def test_accel_labels_and_unknown_precision():
     assert Accel().label == "fp32"
     assert Accel("bf16", True).label == "bf16+channels_last"
     assert Accel("bf16", True, True).label == "bf16+channels_last+compile"
-    with pytest.raises(DfkdError, match="precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(DfkdError, match="unknown precision 'fp16'; choose one of: fp32, bf16"):
         Accel("fp16")
 
 

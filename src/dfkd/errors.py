@@ -6,7 +6,7 @@ class DfkdError(Exception):
 
 
 def require_one_of(name: str, value, choices) -> None:
-    """The one-line error where a setting's `value` is none of `choices` (an option set in
-    Python or a config file, which the CLI's own check never sees)."""
+    """The one-line error, in one wording everywhere, where `value` is none of `choices` (a
+    registry name, or an option set in Python or a config file that the CLI never checks)."""
     if value not in choices:
-        raise DfkdError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+        raise DfkdError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")

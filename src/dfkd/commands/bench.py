@@ -42,7 +42,7 @@ from dfkd.config import (
 )
 from dfkd.engine.distill import distill
 from dfkd.engine.method_choice import choose_method
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.io import read_jsonl, write_json, write_text
 from dfkd.machine import machine_info, machine_line
 from dfkd.models.classifier import Classifier, InputSpec, build_net, default_input_shape
@@ -247,7 +247,9 @@ def suite_teacher(cfg: BenchConfig, suite: Suite, seed: int, progress: bool,
 def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> list[dict]:
     """Run (or complete) a benchmark; returns the records of results.json."""
     if cfg.suite not in SUITES:
-        raise DfkdError(f"unknown suite '{cfg.suite}'; choose one of: {', '.join(SUITE_NAMES)}")
+        require_one_of("suite", cfg.suite, SUITE_NAMES)
+        raise DfkdError("suite 'throughput' is timed by `dfkd bench --suite throughput` "
+                        "(dfkd.commands.throughput), not by run_bench")
     suite = SUITES[cfg.suite]
     cfg = dataclasses.replace(cfg, budget=cfg.budget or suite.budget)
     Budget.parse(cfg.budget)

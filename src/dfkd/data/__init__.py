@@ -16,7 +16,7 @@ from dfkd.data.folder import load_folder
 from dfkd.data.idx import load_idx
 from dfkd.data.svhn import load_svhn
 from dfkd.data.transforms import fit_to_input
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 
 __all__ = ["DATASETS", "SPLITS", "ImageDataset", "default_root", "fit_to_input", "load_dataset"]
 
@@ -38,10 +38,8 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     it, "folder" requires it. Missing files are downloaded from the official mirror when
     ``download`` is true; otherwise, or when offline, a one-line DfkdError says what to fetch.
     """
-    if name not in DATASETS:
-        raise DfkdError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise DfkdError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    require_one_of("dataset", name, DATASETS)
+    require_one_of("split", split, SPLITS)
     if name == "digits":
         return load_digits_split(split)
     if name == "folder":

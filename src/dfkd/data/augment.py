@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.config import AUGMENTATIONS as CHOICES  # +mix: blend pairs (mix_pairs) after the rest
-from dfkd.errors import DfkdError, require_one_of
+from dfkd.errors import require_one_of
 
 FLIP_DATASETS = {"cifar10", "cifar100", "folder"}  # natural images: mirror images stay in class
 
@@ -137,8 +137,7 @@ def default_shift(height: int, divisor: int = 16) -> int:
 
 def check(name: str) -> None:
     """Fail before any work, not at the first student step after a synthesis round."""
-    if name not in CHOICES:
-        raise DfkdError(f"unknown augmentation '{name}'; choose one of: {', '.join(CHOICES)}")
+    require_one_of("augmentation", name, CHOICES)
 
 
 def apply(name: str, x: torch.Tensor, gen: torch.Generator,

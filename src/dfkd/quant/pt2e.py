@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.hooks import eval_mode
 from dfkd.io import atomic_path
 from dfkd.models.classifier import Classifier, InputSpec, new_classifier
@@ -60,8 +60,7 @@ def require_torchao():
 
 
 def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise DfkdError(f"unknown scheme '{scheme}'; choose one of: {', '.join(SCHEMES)}")
+    require_one_of("scheme", scheme, SCHEMES)
 
 
 def _export(module: torch.nn.Module, shape, device) -> torch.export.ExportedProgram:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.hooks import Tap, dummy_forward, get_module, head_path, matched_layers, stage_outputs
 from dfkd.losses import (
     attention_transfer_loss,
@@ -351,8 +351,8 @@ def method_loss(name: str, method: str, teacher: Classifier,
 def create_student_loss(name: str, options: dict, *, teacher: Classifier, student: Classifier,
                         temperature: float, method: str, family: str) -> StudentLoss:
     """The loss `name` with `options` (KEY -> value or string), checked against the method."""
-    if name not in LOSSES:
-        raise DfkdError(f"unknown student loss '{name}'; choose one of: {', '.join(CHOICES)}")
+    if name not in LOSSES:  # ce exists for the scratch_real anchor but is not offered
+        require_one_of("student loss", name, CHOICES)
     cls = LOSSES[name]
     if cls.needs_index and family == "online":
         raise DfkdError(f"student loss '{name}' needs a fixed transfer set to index its memory, "

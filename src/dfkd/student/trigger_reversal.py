@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.hooks import hookless_copy
 from dfkd.models.classifier import Classifier
 from dfkd.student.defense_base import Defense
@@ -84,8 +84,7 @@ def reverse(teacher: Classifier, x: torch.Tensor, shape: str, opts: ReversalOpti
             mask_start: float = 0.5) -> Reversed:
     """Per class, the smallest trigger of `shape` that sends at least `opts.success` of x to it,
     searched from a mask of `mask_start` per pixel."""
-    if shape not in SHAPES:
-        raise DfkdError(f"unknown trigger shape '{shape}'; choose one of: {', '.join(SHAPES)}")
+    require_one_of("trigger shape", shape, SHAPES)
     k, (n, c, h, w) = teacher.spec.num_classes, x.shape
     mask_shape = (k, 1, h, w) if shape == "patch" else (k, 1, 1, 1)
     mask_raw = torch.full(mask_shape, math.log(mask_start / (1 - mask_start)), device=x.device,

@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 
 from dfkd.config import UPDATES
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, require_one_of
 from dfkd.models.classifier import Classifier
 from dfkd.options import build_options
 from dfkd.student.losses import StudentLoss
@@ -124,8 +124,7 @@ def online_methods() -> str:
 def create_update(name: str, options: dict, family: str, loss: str = "kd") -> LRA | None:
     """The run's student-update strategy for a method of `family` whose student loss is `loss`;
     None is the plain optimizer step."""
-    if name not in UPDATES:
-        raise DfkdError(f"unknown student update '{name}'; choose one of: {', '.join(UPDATES)}")
+    require_one_of("student update", name, UPDATES)
     if name == "plain":
         if options:
             raise DfkdError("--update-set needs --update lra; the plain update has no options")

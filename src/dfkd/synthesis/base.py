@@ -208,8 +208,7 @@ def methods_markdown(auto_rule: str) -> str:
 
 
 def method_class(name: str) -> type[Synthesizer]:
-    if name not in _METHODS:
-        raise DfkdError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_METHODS))}")
+    require_one_of("method", name, sorted(_METHODS))
     return _METHODS[name]
 
 
