@@ -450,7 +450,7 @@ def test_a_killed_run_resumes_exactly_and_never_pays_twice(api_url, tmp_path, mo
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"method": "deepinv"}, "methods that can use it: db3kd, dfme, noise"),
+    ({"method": "deepinv"}, "methods that can use it: db3kd, dfme, ideal, noise"),
     ({"student": ""}, "give --student NAME"),
     ({"loss": "at"}, "reads the teacher's layers"),
     ({"defense": "abd"}, "--defense abd needs the teacher's weights"),
@@ -594,3 +594,63 @@ def test_synthesize_from_a_top1_api_resumes_without_paying_twice(model, tmp_path
     b = TransferSet.open(tmp_path / "killed").tensors()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert short["queries"] <= full["queries"] // 2 and short["samples"] < 30
+
+
+def test_ideal_loss_matches_its_formula_on_a_uniform_answer():
+    from dfkd.synthesis.ideal import ideal_loss
+
+    k = 10
+    loss = ideal_loss(torch.zeros(4, k), torch.tensor([0, 3, 5, 9]), entropy_weight=5.0)
+    # CE of a uniform answer is log K; mean(p log p) over samples and classes is -log(K) / K
+    assert loss.item() == pytest.approx(np.log(k) - 5.0 * np.log(k) / k, rel=1e-6)
+    confident = torch.nn.functional.one_hot(torch.tensor([0, 3]), k).float() * 20
+    assert ideal_loss(confident, torch.tensor([0, 3]), 5.0) < ideal_loss(
+        confident, torch.tensor([1, 4]), 5.0)
+
+
+def test_ideal_makes_samples_against_the_student_and_asks_the_teacher_once_each(model):
+    from dfkd.synthesis.ideal import IDEAL
+
+    api = Counting(model, access="top1")
+    teacher = BlackBoxTeacher(api)
+    student = model  # a trained judge: G can learn to make what it puts in each class
+
+    def round_of(steps: int, index: int = 0):
+        synth = IDEAL(teacher, IDEAL.Options(batch_size=20, steps=steps, nz=16, ngf=8, lr_g=1e-2),
+                      seed=0)
+        return synth, synth.synthesize(student, index)
+
+    api.sent.clear()
+    synth, batch = round_of(40)
+    assert api.sent == [20]  # the round's only queries: one per stored sample
+    assert batch["x"].shape == (20, *model.spec.shape)
+    assert batch["x"].min() >= 0 and batch["x"].max() <= 1
+    assert torch.bincount(batch["classes"], minlength=10).tolist() == [2] * 10
+    assert synth.report()["generator_steps"] == 40 and synth.teacher_passes == 20
+    assert all(p.grad is None for p in student.parameters())
+    first = round_of(1)[1]
+    with torch.no_grad():
+        hits = (student(batch["x"]).argmax(1) == batch["classes"]).float().mean()
+        hits_first = (student(first["x"]).argmax(1) == first["classes"]).float().mean()
+    assert hits >= 0.8 > hits_first  # G learned to make the student's classes
+    # the teacher's answers are stored as given, and how often it disagrees is reported
+    assert torch.equal(batch["target_logits"].argmax(1), model(batch["x"]).argmax(1))
+    mismatch = (batch["target_logits"].argmax(1) != batch["classes"]).float().mean().item()
+    assert synth.report()["label_mismatch"] == pytest.approx(mismatch)
+    again = round_of(40)[1]
+    assert torch.equal(again["x"], batch["x"])  # a round is reproducible from (seed, index)
+    assert not torch.equal(round_of(40, index=1)[1]["x"], batch["x"])
+    with pytest.raises(DfkdError, match="needs one"):
+        synth.synthesize(None, 2)
+    with pytest.raises(DfkdError, match="entropy_weight must be >= 0"):
+        IDEAL(teacher, IDEAL.Options(entropy_weight=-1.0), seed=0)
+
+
+def test_ideal_distills_from_a_top1_api_paying_one_query_per_sample(model, tmp_path):
+    with serving(create_app(model, "top1")) as url:
+        r = distill(_cfg(url, tmp_path / "i", method="ideal", budget="30steps",
+                         steps_per_round=10,
+                         method_options={"batch_size": 20, "steps": 5, "nz": 16, "ngf": 8}),
+                    progress=False)
+    assert r["teacher_access"] == "top1" and r["synthesis_rounds"] == 3
+    assert r["queries"] == r["samples"] == 60 and r["generator_steps"] == 15
