@@ -5,7 +5,10 @@ answer only, top-1 included.
 The student stands in for the teacher while samples are made, so making them costs no query. A
 round re-initialises the generator G (from the round's seed), fixes one latent batch z with
 classes y balanced over it, and takes `steps` Adam steps on G against the student (in eval mode),
-G's output through a sigmoid to pixels x (as the reference's generator ends):
+G's output through a sigmoid to pixels x (as the reference's generator ends), after a scale and
+shift per channel that are learnt with G and carried over from round to round (the zoo's generator
+ends in a BatchNorm without them, which pins every image's mean pixel near grey, where an MNIST
+teacher's inputs are mostly black):
 
     CE(S(view(x)), y) + entropy_weight * mean(p log p),   p = softmax(S(view(x)))
 
@@ -55,6 +58,8 @@ class IDEALOptions(Options):
     ngf: int = 0  # generator width; 0 = 64 on a GPU, 16 on a CPU (as the generator methods)
     generator: str = ""  # zoo generator; "" = generator_<side> for the teacher's input
     lr_g: float = 1e-3  # Adam learning rate of G, betas (0.5, 0.999) (reference: 1e-3)
+    lr_tone: float = 1e-2  # Adam learning rate of the pixels' scale and shift per channel,
+    # which carry over from round to round (the reference's generator has no such pair)
     entropy_weight: float = 5.0  # weight of mean(p log p) (reference: 5)
     jitter: int = -1  # max random roll in pixels per step; -1: 1/16 of the side
     view: str = "roll"  # the student's view of G's output: roll | affine | none
@@ -95,6 +100,8 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         self.flip = self.spatial and flip_choice(o.flip, teacher.spec.dataset)
         build_generator(teacher, o.generator, o.nz, o.ngf, seed)  # a bad generator fails now
         self.g_steps = 0  # G steps over all rounds
+        shape = teacher.spec.shape
+        self.tone = torch.zeros((2, 1, shape[0], *[1] * (len(shape) - 1)), device=self.device)
 
     def synthesize(self, student, index):
         if student is None:
@@ -103,7 +110,9 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         o = self.opts
         gen = self.rng(index)
         G = build_generator(self.teacher, o.generator, o.nz, o.ngf, self.batch_seed(index))
-        opt = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(0.5, 0.999))
+        tone = self.tone.requires_grad_(True)
+        opt = torch.optim.Adam([{"params": G.parameters()},
+                                {"params": [tone], "lr": o.lr_tone}], lr=o.lr_g, betas=(0.5, 0.999))
         y = balanced_targets(o.batch_size, self.teacher.spec.num_classes, gen)
         z = torch.randn((o.batch_size, o.nz), generator=gen, device=self.device)
         best, best_loss = None, float("inf")
@@ -111,7 +120,7 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
             for _ in range(o.steps):
                 if self.should_stop() and best is not None:
                     break
-                x = torch.sigmoid(G(z))  # pixels, as the reference's generator ends
+                x = torch.sigmoid(G(z) * tone[0].exp() + tone[1])  # pixels
                 loss = ideal_loss(judge(self._view(x, gen)), y, o.entropy_weight)
                 if loss.item() < best_loss:
                     best, best_loss = x.detach(), loss.item()
@@ -136,8 +145,10 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         return {**super().report(), "generator_steps": self.g_steps}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "g_steps": self.g_steps}
+        return {**super().state_dict(), "g_steps": self.g_steps, "tone": self.tone.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.g_steps = int(state.get("g_steps", 0))
+        if "tone" in state:
+            self.tone = state["tone"].to(self.device).clone()
