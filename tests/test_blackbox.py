@@ -642,8 +642,10 @@ def test_ideal_makes_samples_against_the_student_and_asks_the_teacher_once_each(
     assert not torch.equal(round_of(40, index=1)[1]["x"], batch["x"])
     with pytest.raises(DfkdError, match="needs one"):
         synth.synthesize(None, 2)
-    with pytest.raises(DfkdError, match="entropy_weight must be >= 0"):
+    with pytest.raises(DfkdError, match="entropy_weight must be >= 0 and batch_size at least 2"):
         IDEAL(teacher, IDEAL.Options(entropy_weight=-1.0), seed=0)
+    with pytest.raises(DfkdError, match=r"got 5.0 and 1$"):
+        IDEAL(teacher, IDEAL.Options(batch_size=1), seed=0)
 
 
 def test_ideal_distills_from_a_top1_api_paying_one_query_per_sample(model, tmp_path):

@@ -92,8 +92,9 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         o = options
         o.ngf = device_default(o.ngf, 64, 16, self.device)
         require_positive(o, "batch_size", "steps", "nz", "ngf", "lr_g")
-        if o.entropy_weight < 0:
-            raise DfkdError(f"entropy_weight must be >= 0, got {o.entropy_weight}")
+        if o.entropy_weight < 0 or o.batch_size < 2:
+            raise DfkdError(f"entropy_weight must be >= 0 and batch_size at least 2 (G's batch "
+                            f"statistics), got {o.entropy_weight} and {o.batch_size}")
         check_view(o.view)
         self.spatial = len(teacher.spec.shape) == 3
         self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1]) if self.spatial else 0
