@@ -640,6 +640,11 @@ def test_ideal_makes_samples_against_the_student_and_asks_the_teacher_once_each(
     again = round_of(40)[1]
     assert torch.equal(again["x"], batch["x"])  # a round is reproducible from (seed, index)
     assert not torch.equal(round_of(40, index=1)[1]["x"], batch["x"])
+    resumed = IDEAL(teacher, IDEAL.Options(batch_size=20, steps=40, nz=16, ngf=8, lr_g=1e-2),
+                    seed=0)
+    resumed.load_state_dict(synth.state_dict())  # the learnt tone carries over
+    assert torch.equal(resumed.tone, synth.tone) and resumed.tone.abs().sum() > 0
+    assert torch.equal(resumed.synthesize(student, 1)["x"], synth.synthesize(student, 1)["x"])
     with pytest.raises(DfkdError, match="needs one"):
         synth.synthesize(None, 2)
     with pytest.raises(DfkdError, match="entropy_weight must be >= 0 and batch_size at least 2"):

@@ -96,13 +96,12 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
             raise DfkdError(f"entropy_weight must be >= 0 and batch_size at least 2 (G's batch "
                             f"statistics), got {o.entropy_weight} and {o.batch_size}")
         check_view(o.view)
-        self.spatial = len(teacher.spec.shape) == 3
-        self.jitter = jitter_pixels(o.jitter, teacher.spec.shape[1]) if self.spatial else 0
-        self.flip = self.spatial and flip_choice(o.flip, teacher.spec.dataset)
         build_generator(teacher, o.generator, o.nz, o.ngf, seed)  # a bad generator fails now
+        c, h, _ = teacher.spec.shape  # an image: the generator has made one of this shape
+        self.jitter = jitter_pixels(o.jitter, h)
+        self.flip = flip_choice(o.flip, teacher.spec.dataset)
         self.g_steps = 0  # G steps over all rounds
-        shape = teacher.spec.shape
-        self.tone = torch.zeros((2, 1, shape[0], *[1] * (len(shape) - 1)), device=self.device)
+        self.tone = torch.zeros((2, 1, c, 1, 1), device=self.device)  # log-scale, shift
 
     def synthesize(self, student, index):
         if student is None:
@@ -135,8 +134,6 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         return {"x": x, "target_logits": target, "classes": y, "seeds": self.seeds(index, len(x))}
 
     def _view(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not self.spatial:
-            return x
         x = inversion_view(x, self.opts.view, self.jitter, gen, torch.zeros(1, device=x.device))
         if self.flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
             x = torch.flip(x, dims=(3,))
