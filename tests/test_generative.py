@@ -361,6 +361,11 @@ def test_generator_choice_errors(teacher):
         spec = InputSpec((1, 9, 9), (0.5,), (0.5,), 10)
         net = nn.Sequential(nn.Flatten(), nn.Linear(81, 10))
         create_synthesizer("dafl", Classifier(net, spec, "mlp"), TINY, 0)
+    flat = Classifier(nn.Linear(81, 10), InputSpec((81,), (0.5,), (0.5,), 10), "linear")
+    for method in ("dafl", "ideal"):
+        with pytest.raises(DfkdError, match="make images \\(C, H, W\\), but the teacher takes "
+                                            "inputs of shape \\(81,\\)"):
+            create_synthesizer(method, flat, {"nz": 8, "ngf": 4}, 0)
     with pytest.raises(DfkdError, match="makes \\(1, 32, 32\\) inputs but the teacher expects"):
         create_synthesizer("dafl", teacher, {**TINY, "generator": "generator_32"}, 0)
     with pytest.raises(DfkdError, match="g_every must be positive, got 0"):

@@ -136,6 +136,10 @@ def rdskd_loss(t_logits: torch.Tensor, x: torch.Tensor, oh_prev: float, ie_prev:
 def build_generator(teacher, name: str, nz: int, ngf: int, seed: int) -> torch.nn.Module:
     """The zoo generator for the teacher's input (`generator_<side>` unless named), initialised
     from `seed` without touching the global RNG."""
+    if len(teacher.spec.shape) != 3:
+        raise DfkdError(f"the generator methods make images (C, H, W), but the teacher takes "
+                        f"inputs of shape {tuple(teacher.spec.shape)}; use a pixel-space method "
+                        "such as deepinv, or noise")
     c, h, w = teacher.spec.shape
     if not name:
         name = f"generator_{h}"
