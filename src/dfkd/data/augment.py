@@ -90,17 +90,22 @@ INVERSION_VIEWS = ("affine", "roll", "none")
 
 
 def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator,
-                   fill: torch.Tensor) -> torch.Tensor:
+                   fill: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """What the teacher sees of inputs z at one step of pixel inversion. `roll`: the batch
     rolled by one random offset (DeepInversion's jitter); `affine`: every sample rotated (up to
     15 degrees), scaled (up to 10%) and shifted (up to `jitter` pixels) on its own, the border
     filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine`
     makes inputs whose class survives small pen-like deformations: smooth, centred strokes
-    instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views")."""
+    instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views"). With `flip`,
+    the whole batch is then mirrored with probability 1/2."""
     check_view(view)
     if view == "affine":
-        return random_affine(z, gen, jitter, fill=fill)
-    return random_roll(z, jitter, gen) if view == "roll" else z
+        z = random_affine(z, gen, jitter, fill=fill)
+    elif view == "roll":
+        z = random_roll(z, jitter, gen)
+    if flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
+        z = torch.flip(z, dims=(3,))
+    return z
 
 
 def check_view(view: str) -> None:

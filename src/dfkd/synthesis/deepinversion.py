@@ -80,7 +80,7 @@ class DeepInversionBase(Synthesizer):
 
     def _step_loss(self, z, y, judge, gen) -> torch.Tensor:
         o = self.opts
-        x = self._augment(z, gen)
+        x = inversion_view(z, o.view, self.jitter, gen, self.black, self.flip)
         logits = self.teacher.net(x)
         loss = F.cross_entropy(logits, y)
         if self.bn_hooks:
@@ -93,12 +93,6 @@ class DeepInversionBase(Synthesizer):
         if judge is not None:
             loss = loss + o.comp_weight * competition(logits, judge.net(x), o.comp_temperature)
         return loss
-
-    def _augment(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        z = inversion_view(z, self.opts.view, self.jitter, gen, self.black)
-        if self.flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
-            z = torch.flip(z, dims=(3,))
-        return z
 
 
 @register_method

@@ -100,6 +100,7 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         c, h, _ = teacher.spec.shape  # an image: the generator has made one of this shape
         self.jitter = jitter_pixels(o.jitter, h)
         self.flip = flip_choice(o.flip, teacher.spec.dataset)
+        self.black = torch.zeros(1, device=self.device)  # the border's fill, in pixels
         self.g_steps = 0  # G steps over all rounds
         self.tone = torch.zeros((2, 1, c, 1, 1), device=self.device)  # log-scale, shift
 
@@ -121,7 +122,8 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
                 if self.should_stop() and best is not None:
                     break
                 x = torch.sigmoid(G(z) * tone[0].exp() + tone[1])  # pixels
-                loss = ideal_loss(judge(self._view(x, gen)), y, o.entropy_weight)
+                seen = inversion_view(x, o.view, self.jitter, gen, self.black, self.flip)
+                loss = ideal_loss(judge(seen), y, o.entropy_weight)
                 if loss.item() < best_loss:
                     best, best_loss = x.detach(), loss.item()
                 opt.zero_grad(set_to_none=True)
@@ -132,12 +134,6 @@ class IDEAL(CountsLabelMismatch, Synthesizer):
         target = self.label(x)
         self.count_mismatch(target, y)  # how often the teacher disagrees with the student
         return {"x": x, "target_logits": target, "classes": y, "seeds": self.seeds(index, len(x))}
-
-    def _view(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = inversion_view(x, self.opts.view, self.jitter, gen, torch.zeros(1, device=x.device))
-        if self.flip and torch.rand((), generator=gen, device=gen.device) < 0.5:
-            x = torch.flip(x, dims=(3,))
-        return x
 
     def report(self) -> dict:
         return {**super().report(), "generator_steps": self.g_steps}
