@@ -1,12 +1,15 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dfkd.cli import build_parser
 from dfkd.data.augment import (
     CHOICES,
     apply,
     default_shift,
+    global_view,
     inversion_view,
+    local_view,
     mix_pairs,
     pair_weights,
     random_affine,
@@ -56,7 +59,7 @@ def test_affine_is_identity_without_range_and_varies_per_sample_with_it():
     assert ((moved.sum((1, 2, 3)) / digit.sum()) - 1).abs().max() < 0.25
 
 
-def test_inversion_views_roll_affine_none():
+def test_inversion_views_roll_affine_crop_none():
     """The per-step views of pixel inversion: roll is DeepInversion's batch-wide roll, affine
     moves every sample on its own, keeps a black (fill-valued) canvas black and passes
     gradients back to the optimized inputs; none is the identity."""
@@ -75,8 +78,35 @@ def test_inversion_views_roll_affine_none():
     assert len({round(float(m.sum()), 3) for m in moved.detach()}) == 16  # one move per sample
     moved.pow(2).sum().backward()
     assert stroke.grad.abs().sum() > 0
-    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
+    cropped = inversion_view(z, "crop", 2, torch.Generator().manual_seed(2), fill, flip=True)
+    torch.testing.assert_close(cropped, global_view(z, torch.Generator().manual_seed(2), 2, True,
+                                                    fill))  # per sample, flip included
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, crop, "
+                       "none"):
         inversion_view(z, "warp", 2, torch.Generator(), fill)
+
+
+def test_views_shift_flip_and_crop_inside_the_image():
+    x = torch.arange(2 * 16.0).view(2, 1, 4, 4)
+    black = torch.full((1, 1, 1, 1), -1.0)
+    same = global_view(x, torch.Generator().manual_seed(0), 0, False, black)
+    torch.testing.assert_close(same, x)
+    flipped = global_view(x, torch.Generator().manual_seed(0), 0, True, black)
+    for i in range(2):  # each sample is either itself or its mirror image
+        assert torch.allclose(flipped[i], x[i], atol=1e-5) or \
+            torch.allclose(flipped[i], x[i].flip(2), atol=1e-5)
+    shifted = global_view(x, torch.Generator().manual_seed(3), 1, False, black)
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    crops = [padded[:, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+    for i in range(2):  # a whole-pixel crop of the image padded with black
+        assert any(torch.allclose(shifted[i], c[i], atol=1e-4) for c in crops)
+    x = torch.rand(8, 3, 8, 8, requires_grad=True)
+    local = local_view(x, torch.Generator().manual_seed(0), 0.25, True)
+    assert local.shape == x.shape and not torch.allclose(local, x)
+    lo, hi = x.amin((1, 2, 3)), x.amax((1, 2, 3))  # bilinear inside the image: no fill
+    assert (local.amin((1, 2, 3)) >= lo - 1e-6).all() and (local.amax((1, 2, 3)) <= hi + 1e-6).all()
+    local.sum().backward()
+    assert x.grad.abs().sum() > 0
 
 
 def test_unknown_augmentation_is_a_clear_error():

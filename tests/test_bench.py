@@ -129,8 +129,9 @@ def test_a_failing_method_is_recorded_and_the_rest_run(tmp_path):
     assert len({line.count("|") for line in table}) == 1  # a failed row has every column
 
 
-def test_method_names_are_checked_and_anchors_always_run():
+def test_method_names_are_checked_and_anchors_run_unless_skipped():
     assert resolve_methods("noise")[:2] == ["kd_real", "scratch_real"]
+    assert resolve_methods("noise", anchors=False) == ["noise"]
     assert set(resolve_methods("all")) == {*list_methods(anchors=True), bench.LRA_ENTRY}
     assert resolve_methods("default", "nayer")[-1] == "nayer"  # what auto chooses for the suite
     with pytest.raises(DfkdError, match="unknown method 'nope'"):
@@ -154,6 +155,17 @@ def test_method_variants_are_rows_of_their_own(tmp_path):
     assert variant["method_options"]["batch_size"] == 8
     assert variant["run_dir"].endswith("runs/noise_batch_size=8/seed0")
     assert "| noise[batch_size=8] |" in (bench.Path(cfg.out) / "results.md").read_text()
+
+
+def test_no_anchors_runs_the_requested_methods_alone(tmp_path):
+    """A screen of one method: no real-data rows, so no gap, and the table says n/a."""
+    cfg = _cfg(tmp_path, methods="noise", no_anchors=True)
+    records = run_bench(cfg, progress=False)
+    assert [r["method"] for r in records] == ["noise"] and records[0]["gap"] is None
+    assert "| noise | " in (bench.Path(cfg.out) / "results.md").read_text()
+    grown = run_bench(bench.dataclasses.replace(cfg, no_anchors=False), progress=False)
+    assert [r["method"] for r in grown] == ["noise", "kd_real", "scratch_real"]  # same folder
+    assert grown[0]["gap"] is not None
 
 
 def test_gap_is_per_seed():

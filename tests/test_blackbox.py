@@ -661,3 +661,14 @@ def test_ideal_distills_from_a_top1_api_paying_one_query_per_sample(model, tmp_p
                     progress=False)
     assert r["teacher_access"] == "top1" and r["synthesis_rounds"] == 3
     assert r["queries"] == r["samples"] == 60 and r["generator_steps"] == 15
+
+
+def test_a_round_answered_after_the_wall_clock_ran_out_is_kept_not_trained_on(model, tmp_path):
+    """The budget ends inside ideal's first round: its answers are paid for, so the round is
+    stored (for a resume) though the student never trains on it."""
+    with serving(create_app(model, "top1")) as url:
+        r = distill(_cfg(url, tmp_path / "i", method="ideal", budget="2s",
+                         method_options={"batch_size": 20, "steps": 10**6, "nz": 16, "ngf": 8}),
+                    progress=False)
+    assert r["steps"] == 0 and r["synthesis_rounds"] == 1
+    assert r["queries"] == r["samples"] == 20

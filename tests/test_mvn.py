@@ -159,9 +159,11 @@ def test_mvn_option_errors():
     with pytest.raises(DfkdError,
                        match="unknown cov 'magic'; choose one of: weights, bn, bootstrap"):
         create_synthesizer("mvn", teacher, {"cov": "magic"}, 0)
-    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, crop, "
+                       "none"):
         create_synthesizer("mvn", teacher, {"view": "warp"}, 0)
-    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, none"):
+    with pytest.raises(DfkdError, match="unknown view 'warp'; choose one of: affine, roll, crop, "
+                       "none"):
         create_synthesizer("deepinv", teacher, {"view": "warp"}, 0)
     with pytest.raises(DfkdError, match="sigma and temperature must be positive"):
         create_synthesizer("mvn", teacher, {"sigma": "0"}, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,7 +88,50 @@ def random_roll(z: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Ten
     return torch.roll(z, shifts=(dx, dy), dims=(2, 3))
 
 
-INVERSION_VIEWS = ("affine", "roll", "none")
+def _view(x: torch.Tensor, scale_x: torch.Tensor, scale_y: torch.Tensor, shift_x: torch.Tensor,
+          shift_y: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample axis-aligned resampling (grid units: the image spans [-1, 1]), differentiable
+    in x. Outside the image: `fill`, or the nearest edge pixel when fill is None (resizing a
+    crop then reads no further than the crop's border, as an image resize does)."""
+    zero = torch.zeros_like(scale_x)
+    theta = torch.stack([torch.stack([scale_x, zero, shift_x], 1),
+                         torch.stack([zero, scale_y, shift_y], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if fill is None:
+        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    return F.grid_sample(x - fill, grid, padding_mode="zeros", align_corners=False) + fill
+
+
+def _signs(n: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    if not flip:
+        return torch.ones(n, device=gen.device)
+    return torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
+
+
+def global_view(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool,
+                fill: torch.Tensor) -> torch.Tensor:
+    """Random crop of the image padded by `padding` pixels of `fill` (a whole-pixel shift), and
+    an optional horizontal flip, per sample."""
+    n, _, h, w = x.shape
+    shift = torch.randint(-padding, padding + 1, (2, n), generator=gen, device=gen.device)
+    ones = torch.ones(n, device=gen.device)
+    return _view(x, _signs(n, flip, gen), ones, 2 * shift[0] / w, 2 * shift[1] / h, fill)
+
+
+def local_view(x: torch.Tensor, gen: torch.Generator, min_scale: float,
+               flip: bool) -> torch.Tensor:
+    """Random resized crop per sample: area fraction in [min_scale, 1], aspect ratio in
+    [3/4, 4/3], resized back to the full size (bilinear), optional horizontal flip."""
+    n = x.shape[0]
+    u = torch.rand((4, n), generator=gen, device=gen.device)
+    area = min_scale + (1 - min_scale) * u[0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
+    cw, ch = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    cx, cy = (2 * u[2] - 1) * (1 - cw), (2 * u[3] - 1) * (1 - ch)
+    return _view(x, cw * _signs(n, flip, gen), ch, cx, cy, None)
+
+
+INVERSION_VIEWS = ("affine", "roll", "crop", "none")
 
 
 def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator,
@@ -97,8 +142,12 @@ def inversion_view(z: torch.Tensor, view: str, jitter: int, gen: torch.Generator
     filled with `fill` (the normalized black pixel, per channel). Optimizing through `affine`
     makes inputs whose class survives small pen-like deformations: smooth, centred strokes
     instead of high-frequency patterns (BENCHMARKS.md, "Per-sample affine views"). With `flip`,
-    the whole batch is then mirrored with probability 1/2."""
+    the whole batch is then mirrored with probability 1/2. `crop`: CMI's global view, every
+    sample shifted by up to `jitter` whole pixels over a `fill` border and, with `flip`, mirrored
+    on its own (a random crop with padding, as IDEAL's reference code sees its samples)."""
     check_view(view)
+    if view == "crop":
+        return global_view(z, gen, jitter, flip, fill)
     if view == "affine":
         z = random_affine(z, gen, jitter, fill=fill)
     elif view == "roll":

@@ -255,6 +255,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                 batch = source.make_round(student, state)
                 state.synthesis_seconds += time.perf_counter() - t0
                 if budget.done(state.step, state.elapsed()):
+                    if black_box:  # its answers are paid for: stored (for a resume), not trained on
+                        source.keep_round(batch, state)
                     break  # out of time mid-round: the student stops where it stands
                 source.keep_round(batch, state)
                 checkpoint()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.data.augment import global_view, local_view
 from dfkd.errors import DfkdError
 from dfkd.hooks import BNStatsHook, FeatureHook, bn_layers, muted
 from dfkd.models.generators import Generator
@@ -163,49 +164,6 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.body(x), dim=1)
-
-
-def _view(x: torch.Tensor, scale_x: torch.Tensor, scale_y: torch.Tensor, shift_x: torch.Tensor,
-          shift_y: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
-    """Per-sample axis-aligned resampling (grid units: the image spans [-1, 1]), differentiable
-    in x. Outside the image: `fill`, or the nearest edge pixel when fill is None (resizing a
-    crop then reads no further than the crop's border, as an image resize does)."""
-    zero = torch.zeros_like(scale_x)
-    theta = torch.stack([torch.stack([scale_x, zero, shift_x], 1),
-                         torch.stack([zero, scale_y, shift_y], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    if fill is None:
-        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return F.grid_sample(x - fill, grid, padding_mode="zeros", align_corners=False) + fill
-
-
-def _signs(n: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    if not flip:
-        return torch.ones(n, device=gen.device)
-    return torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
-
-
-def global_view(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool,
-                fill: torch.Tensor) -> torch.Tensor:
-    """Random crop of the image padded by `padding` pixels of `fill` (a whole-pixel shift), and
-    an optional horizontal flip, per sample."""
-    n, _, h, w = x.shape
-    shift = torch.randint(-padding, padding + 1, (2, n), generator=gen, device=gen.device)
-    ones = torch.ones(n, device=gen.device)
-    return _view(x, _signs(n, flip, gen), ones, 2 * shift[0] / w, 2 * shift[1] / h, fill)
-
-
-def local_view(x: torch.Tensor, gen: torch.Generator, min_scale: float,
-               flip: bool) -> torch.Tensor:
-    """Random resized crop per sample: area fraction in [min_scale, 1], aspect ratio in
-    [3/4, 4/3], resized back to the full size (bilinear), optional horizontal flip."""
-    n = x.shape[0]
-    u = torch.rand((4, n), generator=gen, device=gen.device)
-    area = min_scale + (1 - min_scale) * u[0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
-    cw, ch = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
-    cx, cy = (2 * u[2] - 1) * (1 - cw), (2 * u[3] - 1) * (1 - ch)
-    return _view(x, cw * _signs(n, flip, gen), ch, cx, cy, None)
 
 
 @register_method

@@ -40,7 +40,8 @@ class DeepInversionOptions(Options):
     jitter: int = -1  # max random shift in pixels each step; -1: 1/16 of the side (2 for 32 px,
     # as the paper uses on CIFAR; 1 for 8 px)
     view: str = "roll"  # the input's view each step: roll (the paper's jitter) | affine (each
-    # sample rotated, scaled and shifted on its own) | none
+    # sample rotated, scaled and shifted on its own) | crop (each shifted over a black border,
+    # flipped on its own) | none
     flip: str = "auto"  # random horizontal flip each step: true | false | auto (on, except for
     # teachers of digits, mnist and svhn, whose classes are not mirror-symmetric)
 

@@ -62,7 +62,8 @@ class IDEALOptions(Options):
     # which carry over from round to round (the reference's generator has no such pair)
     entropy_weight: float = 5.0  # weight of mean(p log p) (reference: 5)
     jitter: int = -1  # max random roll in pixels per step; -1: 1/16 of the side
-    view: str = "roll"  # the student's view of G's output: roll | affine | none
+    view: str = "roll"  # the student's view of G's output: roll | affine | crop (the
+    # reference's: each sample shifted by up to `jitter` px over black, flipped on its own) | none
     flip: str = "auto"  # random horizontal flip: true | false | auto (off for digit datasets)
     samples_per_class: int = 0  # stop synthesizing at this many per class (0: never)
 

@@ -81,7 +81,7 @@ class MVNOptions(Options):
     steps: int = 200  # Adam steps per round
     lr: float = 0.1  # Adam learning rate on normalized pixels
     view: str = "roll"  # what the teacher sees each step: roll (DeepInversion's jitter) |
-    # affine (each sample rotated, scaled, shifted on its own) | none; see the docstring
+    # affine (each sample rotated, scaled, shifted on its own) | crop | none; see the docstring
     jitter: int = -1  # shift in pixels per step (-1: 1/16 of the side; 0: off)
     bootstrap_size: int = 512  # noise inputs for bootstrap statistics
 
