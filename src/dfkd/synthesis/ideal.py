@@ -20,12 +20,13 @@ every query is paid once and used for the rest of the run.
 
 Departures from the reference code: G is the zoo's generator for the teacher's input
 (`generator_<side>`, as the other generator methods here) rather than its Generator_2; its view
-is the inversion methods' random roll of up to `jitter` pixels (flip only for mirror-symmetric
-classes) where the reference uses kornia's random crop with padding 4 and a horizontal flip on
-every dataset; the student learns by KD at temperature 1 on the teacher's answer (the
-reference's cross-entropy on its top-1 label when the API gives only that, the full answer when
-it gives more); and each stored sample is asked once, where the reference code relabels the whole
-pool every epoch (its issue #1; the paper counts one query per sample, as here).
+is by default the inversion methods' random roll of up to `jitter` pixels (flip only for
+mirror-symmetric classes) where the reference uses kornia's random crop with padding 4 and a
+horizontal flip on every dataset (`view=crop`, `jitter=4`, `flip=true`); the student learns
+by KD at temperature 1 on the teacher's answer (the reference's cross-entropy on its top-1 label
+when the API gives only that, the full answer when it gives more); and each stored sample is
+asked once, where the reference code relabels the whole pool every epoch (its issue #1; the
+paper counts one query per sample, as here).
 """
 
 from __future__ import annotations
