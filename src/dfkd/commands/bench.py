@@ -162,7 +162,7 @@ def suite_default(suite: Suite) -> str:
 
 
 def resolve_methods(spec: str, default: str = "", anchors: bool = True) -> list[str]:
-    """The anchors first (unless not `anchors`), then the requested data-free methods
+    """The anchors first (when `anchors`), then the requested data-free methods
     (validated names); an entry may carry its own options, NAME[key=value;...]; `default`
     stands for the method `auto` chooses for the suite."""
     names: list[str] = []
