@@ -308,3 +308,9 @@ def test_black_box_rows_distill_through_a_served_api_and_count_queries(tmp_path)
     assert "top1 access, at most 320 queries each" in table
     assert (tmp_path / "b" / "queries.png").exists()
     assert "serving" in (tmp_path / "b" / "runs" / "noise" / "seed0" / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 11, 20])
+def test_every_curve_of_a_zoo_gets_its_own_colour(n):
+    colors = bench.series_colors(n)
+    assert len(colors) == n and len(set(colors)) == n

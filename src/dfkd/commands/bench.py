@@ -470,6 +470,15 @@ def write_outputs(records, cfg, suite, machine, out: Path, command: str) -> None
                         f"queries to the teacher API ({cfg.access} access)", title)
 
 
+def series_colors(n: int) -> list[tuple]:
+    """n colours, no two alike up to 20 (tab10, then tab20 for a whole zoo), so that every
+    method's curve can be told apart; past 20 they repeat."""
+    from dfkd.report import pyplot
+
+    cmap = pyplot().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, title: str,
                     log_x: bool = False) -> None:
     """Student accuracy against `key` for every method on one figure: the mean over seeds,
@@ -479,8 +488,11 @@ def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, titl
     from dfkd.report import pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in summarize(records):
+    rows = summarize(records)
+    wide = len(rows) > 8  # the legend moves beside the axes, where it hides no curve
+    fig, ax = plt.subplots(figsize=(10.5 if wide else 8, 5))
+    colors = series_colors(len(rows))
+    for row, color in zip(rows, colors, strict=True):
         curves = [r["curve"] for r in records if r["method"] == row["method"] and r.get("curve")]
         curves = [[p for p in c if key in p and (not log_x or p[key] > 0)] for c in curves]
         curves = [c for c in curves if c]
@@ -496,17 +508,18 @@ def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, titl
                        for c in curves])
         mean, std = ys.mean(0), ys.std(0)
         style = "--" if row["uses_real_data"] else "-"
-        (line,) = ax.plot(grid, mean, style, marker="o" if len(grid) == 1 else None,
-                          label=f"{row['method']} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        ax.plot(grid, mean, style, color=color, marker="o" if len(grid) == 1 else None,
+                label=f"{row['method']} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         if len(curves) > 1:
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.15, color=line.get_color())
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.15, color=color)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("student test accuracy")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
+        where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if wide else {"loc": "best"}
+        ax.legend(fontsize=8, **where)
     ax.set_title(title + ("\n(methods without teacher passes are not shown)" if log_x else ""),
                  fontsize=10)
     save_figure(fig, path)
