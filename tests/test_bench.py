@@ -12,7 +12,7 @@ from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
 from dfkd.models.classifier import load_classifier
-from dfkd.report import REQUIRED_KEYS
+from dfkd.report import REQUIRED_KEYS, distinct_colors
 from dfkd.synthesis import create_synthesizer, list_methods
 
 OUTPUTS = ("results.json", "results.md", "curves.png", "passes.png", "machine.json",
@@ -312,5 +312,5 @@ def test_black_box_rows_distill_through_a_served_api_and_count_queries(tmp_path)
 
 @pytest.mark.parametrize("n", [1, 3, 10, 11, 20])
 def test_every_curve_of_a_zoo_gets_its_own_colour(n):
-    colors = bench.series_colors(n)
+    colors = distinct_colors(n)
     assert len(colors) == n and len(set(colors)) == n

@@ -22,6 +22,13 @@ def pyplot():
     return plt
 
 
+def distinct_colors(n: int) -> list[tuple]:
+    """n colours, no two alike up to 20 (tab10, then tab20), one per curve or class of a
+    figure; past 20 they repeat."""
+    cmap = pyplot().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def image_grid(x: torch.Tensor, ncol: int | None = None) -> torch.Tensor:
     """(N,C,H,W) pixels in [0,1] -> one (H', W', C) image with 1-pixel gaps."""
     n, c, h, w = x.shape

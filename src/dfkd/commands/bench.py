@@ -470,29 +470,19 @@ def write_outputs(records, cfg, suite, machine, out: Path, command: str) -> None
                         f"queries to the teacher API ({cfg.access} access)", title)
 
 
-def series_colors(n: int) -> list[tuple]:
-    """n colours, no two alike up to 20 (tab10, then tab20 for a whole zoo), so that every
-    method's curve can be told apart; past 20 they repeat."""
-    from dfkd.report import pyplot
-
-    cmap = pyplot().get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
 def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, title: str,
                     log_x: bool = False) -> None:
     """Student accuracy against `key` for every method on one figure: the mean over seeds,
     interpolated onto a common grid, with a +-1 std band."""
     import numpy as np
 
-    from dfkd.report import pyplot, save_figure
+    from dfkd.report import distinct_colors, pyplot, save_figure
 
     plt = pyplot()
     rows = summarize(records)
     wide = len(rows) > 8  # the legend moves beside the axes, where it hides no curve
     fig, ax = plt.subplots(figsize=(10.5 if wide else 8, 5))
-    colors = series_colors(len(rows))
-    for row, color in zip(rows, colors, strict=True):
+    for row, color in zip(rows, distinct_colors(len(rows)), strict=True):
         curves = [r["curve"] for r in records if r["method"] == row["method"] and r.get("curve")]
         curves = [[p for p in c if key in p and (not log_x or p[key] > 0)] for c in curves]
         curves = [c for c in curves if c]

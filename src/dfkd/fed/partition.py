@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.report import pyplot, save_figure
+from dfkd.report import distinct_colors, pyplot, save_figure
 
 
 def dirichlet_split(labels: torch.Tensor, clients: int, alpha: float, seed: int,
@@ -52,10 +52,8 @@ def plot_label_counts(counts: torch.Tensor, path: Path, title: str = "") -> None
     counts = counts.numpy()
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(counts) + 2), 4))
     bottom = np.zeros(len(counts))
-    cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
-    for c in range(counts.shape[1]):
-        ax.bar(range(len(counts)), counts[:, c], bottom=bottom, color=cmap(c % cmap.N),
-               label=str(c))
+    for c, color in enumerate(distinct_colors(counts.shape[1])):
+        ax.bar(range(len(counts)), counts[:, c], bottom=bottom, color=color, label=str(c))
         bottom += counts[:, c]
     ax.set_xlabel("client")
     ax.set_ylabel("training samples")
