@@ -48,12 +48,15 @@ def test_bench_writes_every_output_with_anchors_and_gap(finished):
         assert set(REQUIRED_KEYS) <= set(r) and r["seed"] == 0 and r["dataset"] == "digits"
         assert r["gap"] == pytest.approx(kd - r["student_acc"], abs=1e-6)
         assert r["curve"] and r["curve"][-1]["student_acc"] == r["student_acc"]
+        assert r["curve"][0]["seconds"] == 0 and r["curve"][0]["student_acc"] == \
+            r["student_init_acc"]  # the student before its first step
         assert r["machine_gflops"] > 0  # the machine's speed beside each wall-clock number
     assert records[0]["gap"] == 0 and records[1]["teacher_passes"] == 0
     assert json.loads((out / "results.json").read_text()) == records
     md = (out / "results.md").read_text()
     assert "kd_real (real data)" in md and "| deepinv |" in md and "| noise |" in md
-    assert "| matmul GFLOP/s |" in md and "fp32 matmul" in md
+    assert "| matmul GFLOP/s |" in md and "fp32 matmul" in md and "| at start |" in md
+    assert not (out / "default-curves.png").exists()  # nothing to leave out of curves.png
     machine = json.loads((out / "machine.json").read_text())
     assert {"cpu_count", "cpu_model", "gpu", "torch"} <= set(machine)
     assert machine["matmul_gflops"] > 0
@@ -314,3 +317,23 @@ def test_black_box_rows_distill_through_a_served_api_and_count_queries(tmp_path)
 def test_every_curve_of_a_zoo_gets_its_own_colour(n):
     colors = distinct_colors(n)
     assert len(colors) == n and len(set(colors)) == n
+
+
+def _zoo_record(method, seed, acc, real=False):
+    return {"method": method, "seed": seed, "student_acc": acc, "uses_real_data": real,
+            "family": "online", "curve": [{"seconds": 0.0, "student_acc": 0.1},
+                                          {"seconds": 60.0, "student_acc": acc}]}
+
+
+def test_the_default_is_drawn_beside_the_three_strongest_others(tmp_path):
+    """default-curves.png: the anchors, the default and the 3 best data-free rows by mean
+    accuracy, whatever the default's own rank; none while the default has not run."""
+    accs = {"a": 0.9, "b": 0.5, "c": 0.8, "d": 0.7, "e": 0.6, "deepinv": 0.4}
+    records = [_zoo_record("kd_real", s, 0.95, real=True) for s in (0, 1)]
+    records += [_zoo_record(m, s, acc + 0.01 * s) for m, acc in accs.items() for s in (0, 1)]
+    shown = bench.default_and_strongest(records, "deepinv")
+    assert {r["method"] for r in shown} == {"kd_real", "deepinv", "a", "c", "d"}
+    assert len(shown) == 10  # every seed of each
+    assert bench.default_and_strongest(records, "nayer") == []
+    bench.save_comparison(shown, "seconds", tmp_path / "d.png", "s", "zoo")
+    assert (tmp_path / "d.png").stat().st_size > 0

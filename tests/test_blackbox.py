@@ -412,7 +412,8 @@ def test_a_query_budget_that_ends_the_run_first_anneals_it_and_spreads_its_evalu
     assert r["ended_by"] == "query budget"
     records = [json.loads(line) for line in open(tmp_path / "q" / "metrics.jsonl")]
     evals = [x["queries"] for x in records if "student_acc" in x]
-    assert len(evals) == 3 and evals[0] < evals[1] < evals[2] <= 400  # at thirds of the queries
+    assert len(evals) == 4 and evals[0] == 0  # the student before any query, then thirds:
+    assert 0 < evals[1] < evals[2] < evals[3] <= 400
     rates = [x["lr"] for x in records if "lr" in x]
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.02  # from 0.1 toward 0
 

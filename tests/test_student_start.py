@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
+from dfkd.io import read_jsonl
 from dfkd.models import create_model
 from dfkd.student.start import start_student
 
@@ -121,6 +122,9 @@ def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
     inherited = _run(digits_teacher, tmp_path / "t", "deepinv", student_init="teacher", lr=1e-9)
     fresh = _run(digits_teacher, tmp_path / "r", "deepinv", student_init="random", lr=1e-9)
     assert inherited["student_init"] == "teacher" and fresh["student_init"] == "random"
+    for run, report in ((tmp_path / "t", inherited), (tmp_path / "r", fresh)):
+        first = next(r for r in read_jsonl(run / "metrics.jsonl") if "student_acc" in r)
+        assert first["step"] == 0 and first["student_acc"] == report["student_init_acc"]
     for run, close in ((tmp_path / "t", True), (tmp_path / "r", False)):
         for name, value in _weights(run).items():
             cut = teacher[name][tuple(slice(0, n) for n in value.shape)]

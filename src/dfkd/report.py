@@ -94,6 +94,7 @@ def write_report(report: dict, out: Path) -> None:
     write_json(out / "report.json", report)
     rows = [("method", report["method"]), ("teacher accuracy", _pct(report["teacher_acc"])),
             ("student accuracy", _pct(report["student_acc"])),
+            ("student accuracy before training", _pct(report.get("student_init_acc"))),
             ("agreement", _pct(report["agreement"])),
             ("synthesis time", f"{report['synthesis_seconds']:.1f} s"),
             ("student training time", f"{report['train_seconds']:.1f} s"),
@@ -101,7 +102,7 @@ def write_report(report: dict, out: Path) -> None:
             ("budget", report["budget"]), ("evaluation dataset", report["dataset"]),
             ("seed", report["seed"])]
     extra = [(k, v) for k, v in report.items()
-             if k not in REQUIRED_KEYS and not isinstance(v, list | dict)]
+             if k not in (*REQUIRED_KEYS, "student_init_acc") and not isinstance(v, list | dict)]
     lines = [f"# dfkd run: {report['method']} -> {report.get('student', '')}", "",
              "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows + extra]
     if report.get("per_class_acc"):

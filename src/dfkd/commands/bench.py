@@ -265,8 +265,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
     check_set_keys(cfg.method_options)
     # before any run: a missing published file is one line, not one failed record per run
     published = published_teacher(cfg, suite) if suite.published else None
-    methods = resolve_methods(cfg.methods, suite_default(suite) if "default" in cfg.methods
-                              else "", anchors=not cfg.no_anchors)
+    default = suite_default(suite)
+    methods = resolve_methods(cfg.methods, default, anchors=not cfg.no_anchors)
     out = Path(cfg.out)
     _check_same_settings(cfg, out)
     machine = machine_info()
@@ -313,11 +313,11 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
         records = [r for r in records if not (r["method"] == method and r["seed"] == seed)]
         records.append(record)
         records = with_gaps(records)
-        write_outputs(records, cfg, suite, machine, out, command)
+        write_outputs(records, cfg, suite, machine, out, command, default)
         if progress:
             tqdm.write(_summary_line(record))
     if not todo:
-        write_outputs(with_gaps(records), cfg, suite, machine, out, command)
+        write_outputs(with_gaps(records), cfg, suite, machine, out, command, default)
     return records
 
 
@@ -385,9 +385,9 @@ def summarize(records: list[dict]) -> list[dict]:
                "error": failed[0]["error"] if failed else None,
                "uses_real_data": bool(ok and ok[0].get("uses_real_data")),
                "family": ok[0]["family"] if ok else None}
-        for key in ("student_acc", "gap", "agreement", "teacher_acc", "synthesis_seconds",
-                    "train_seconds", "teacher_passes", "steps", "student_asr", "teacher_asr",
-                    "queries", "machine_gflops"):
+        for key in ("student_acc", "student_init_acc", "gap", "agreement", "teacher_acc",
+                    "synthesis_seconds", "train_seconds", "teacher_passes", "steps",
+                    "student_asr", "teacher_asr", "queries", "machine_gflops"):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = _mean_std(values) if values else None
         rows.append(row)
@@ -410,7 +410,7 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
              f"Machine: {machine_line(machine)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    columns = ["method", "student acc", "gap to kd_real", "agreement", "teacher acc",
+    columns = ["method", "student acc", "at start", "gap to kd_real", "agreement", "teacher acc",
                *(["student ASR", "teacher ASR"] if cfg.poison else []),
                *(["queries"] if cfg.access else []), "synthesis s",
                "train s", "teacher passes", "steps", "matmul GFLOP/s", "runs"]
@@ -424,9 +424,10 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
                  if cfg.access else "")
     lines += ["Accuracies in %, mean +- std over seeds. gap = kd_real accuracy - student "
               "accuracy (points, same seed). kd_real and scratch_real see the real training "
-              "data; every other row is data-free. matmul GFLOP/s: the machine's fp32 rate, "
-              "measured after each run (one machine's speed varies from day to day; read "
-              "wall-clock rows against it)." + notes, "",
+              "data; every other row is data-free. at start: the student before its first "
+              "step. matmul GFLOP/s: the machine's fp32 rate, measured after each run (one "
+              "machine's speed varies from day to day; read wall-clock rows against it)."
+              + notes, "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blanks = " |" * (len(columns) - 2)  # closes the error cell and the empty cells after it
     for row in summarize(records):
@@ -439,7 +440,8 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
         extra = ([_pm(row["student_asr"], 100), _pm(row["teacher_asr"], 100)] if cfg.poison
                  else []) + ([_passes(row["queries"])] if cfg.access else [])
         lines.append("| " + " | ".join([
-            name, _pm(row["student_acc"], 100), _pm(row["gap"], 100), _pm(row["agreement"], 100),
+            name, _pm(row["student_acc"], 100), _pm(row["student_init_acc"], 100),
+            _pm(row["gap"], 100), _pm(row["agreement"], 100),
             _pm(row["teacher_acc"], 100), *extra, _pm(row["synthesis_seconds"], 1, 1),
             _pm(row["train_seconds"], 1, 1), _passes(row["teacher_passes"]),
             _pm(row["steps"], 1, 0), _pm(row["machine_gflops"], 1, 0),
@@ -458,16 +460,34 @@ def _passes(value) -> str:
     return "n/a" if value is None else f"{value[0]:.3g}"
 
 
-def write_outputs(records, cfg, suite, machine, out: Path, command: str) -> None:
+def write_outputs(records, cfg, suite, machine, out: Path, command: str, default: str) -> None:
     write_json(out / "results.json", records)
     write_text(out / "results.md", results_markdown(records, cfg, suite, machine, command))
     title = f"{cfg.suite}: {suite.teacher} -> {suite.student}, {cfg.budget} per method"
     save_comparison(records, "seconds", out / "curves.png", "wall time in budget (s)", title)
+    shown = default_and_strongest(records, default)
+    if shown and len(shown) < len(records):  # a zoo: its figure has too many curves to read
+        save_comparison(shown, "seconds", out / "default-curves.png", "wall time in budget (s)",
+                        f"{title}\nthe default ({default}) and the {STRONGEST} strongest others")
     save_comparison(records, "teacher_passes", out / "passes.png",
                     "teacher image passes (forward or forward+backward)", title, log_x=True)
     if cfg.access:
         save_comparison(records, "queries", out / "queries.png",
                         f"queries to the teacher API ({cfg.access} access)", title)
+
+
+STRONGEST = 3  # data-free methods drawn beside the default in default-curves.png
+
+
+def default_and_strongest(records: list[dict], default: str) -> list[dict]:
+    """The records of the anchors, the suite's default and the STRONGEST data-free methods with
+    the best mean accuracy at the end of the budget; none while the default has no row."""
+    rows = [r for r in summarize(records) if r["runs"]]
+    if default not in {r["method"] for r in rows}:
+        return []
+    others = [r["method"] for r in rows if not r["uses_real_data"] and r["method"] != default]
+    keep = {r["method"] for r in rows if r["uses_real_data"]} | {default, *others[:STRONGEST]}
+    return [r for r in records if r["method"] in keep]
 
 
 def save_comparison(records: list[dict], key: str, path: Path, xlabel: str, title: str,

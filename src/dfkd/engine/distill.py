@@ -245,6 +245,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             share = max(share, min(1.0, teacher.paid["train"] / cfg.query_budget))
         return share
 
+    if state.step == 0 and not state.init_evaluated:
+        # where the student starts (the teacher's slices score well above chance): step 0
+        state.init_acc, state.init_evaluated = log_eval().get("acc"), True
     last_ckpt = time.monotonic()
     ended_by = "budget"
     try:
@@ -412,7 +415,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
     t = evaluator.teacher_metrics()
     report = {
         "method": method, "teacher_acc": t.get("acc"), "student_acc": final.get("acc"),
-        "agreement": final.get("agreement"),
+        "agreement": final.get("agreement"), "student_init_acc": state.init_acc,
         "synthesis_seconds": round(state.synthesis_seconds, 3),
         "train_seconds": round(state.train_seconds, 3), "teacher_passes": teacher_passes,
         "seed": cfg.seed, "dataset": evaluator.name, "budget": cfg.budget,

@@ -21,6 +21,8 @@ class RunState:
     plan: dict = dataclasses.field(default_factory=dict)  # the schedule (dfkd.engine.plan.Plan)
     costs: dict = dataclasses.field(default_factory=dict)  # the costs it was planned from
     first_plan: dict = dataclasses.field(default_factory=dict)  # the probe's, where re-planned
+    init_acc: float | None = None  # the student's accuracy before its first step
+    init_evaluated: bool = False  # the starting student was evaluated (its acc may be None)
 
     def elapsed(self) -> float:
         """The budget's clock: synthesis and training; evaluation and checkpoints stop it."""
