@@ -178,6 +178,22 @@ def test_mixmix_inverts_extra_teachers_and_checks_them(model, digits_teacher, tm
                            0)
 
 
+def test_mixmix_takes_a_published_checkpoint_named_with_its_architecture(model, tmp_path):
+    published = tmp_path / "other.th"  # as published: nested, DataParallel's prefix, no spec
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v
+                                           for k, v in model.net.state_dict().items()}},
+               published)
+    with pytest.raises(DfkdError, match="write it as .*other.th@ARCH in extra_teachers"):
+        create_synthesizer("mixmix", model, {**FAST, "extra_teachers": str(published)}, 0)
+    synth = create_synthesizer("mixmix", model,
+                               {**FAST, "extra_teachers": f"{published}@{model.arch}"}, 0)
+    assert synth.report()["models_inverted"] == 2
+    extra = synth.models[1]
+    assert (extra.spec.mean, extra.spec.std) == (model.spec.mean, model.spec.std)
+    pixels = torch.rand(4, *model.spec.shape)
+    assert torch.allclose(extra(pixels), model(pixels))
+
+
 @pytest.mark.parametrize(("loss", "scheme"), [("kd", "int8-static"), ("fa", "int4-weight")])
 def test_qat_finetune_lowers_its_loss_and_leaves_the_float_model_alone(model, real, loss,
                                                                        scheme, tmp_path):

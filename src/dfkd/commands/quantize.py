@@ -44,7 +44,8 @@ class QuantizeConfig:
     finetune_lr: float = option(1e-4, "fine-tuning learning rate")
     calibration_size: int = option(512, "inputs per source (also the fine-tuning set)")
     extra_teachers: str = option("", "mixmix: comma-separated models inverted together with "
-                                 "--model (their BN statistics are matched too)")
+                                 "--model (their BN statistics are matched too); PATH@ARCH "
+                                 "for weights that do not name their architecture")
     method_options: dict = option(factory=dict, flag="--set", metavar="[SOURCE.]KEY=VALUE",
                                   help="an option of the synthesis methods behind the "
                                   "calibration: KEY for every source, SOURCE.KEY for one, e.g. "

@@ -169,14 +169,16 @@ def _infer_num_classes(state: Mapping[str, torch.Tensor]) -> int:
 def load_classifier(path: str | Path, *, arch: str | None = None,
                     input_shape: tuple[int, int, int] | None = None,
                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                    num_classes: int | None = None) -> Classifier:
-    """Load weights (+ stored spec) into an architecture; CLI flags override the stored spec."""
+                    num_classes: int | None = None,
+                    arch_hint: str = "pass --arch NAME (a zoo model) or --arch "
+                                     "package.module:factory") -> Classifier:
+    """Load weights (+ stored spec) into an architecture; CLI flags override the stored spec.
+    `arch_hint` says how the caller's user names an architecture the weights do not."""
     file = _find_weights(Path(path))
     state, meta = _read_weights(file)
     arch = arch or meta.get("dfkd_arch")
     if not arch:
-        raise DfkdError(f"'{file}' does not say its architecture; pass --arch NAME (a zoo model) "
-                        "or --arch package.module:factory")
+        raise DfkdError(f"'{file}' does not say its architecture; {arch_hint}")
     stored = InputSpec.from_json(meta["dfkd_spec"]) if "dfkd_spec" in meta else None
     shape = input_shape or (stored.shape if stored else default_input_shape(arch))
     mean = mean or (stored.mean if stored else None)

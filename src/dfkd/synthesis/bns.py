@@ -21,6 +21,7 @@ from dfkd.data.augment import cut_mix, jitter_pixels, random_roll
 from dfkd.errors import DfkdError
 from dfkd.hooks import bn_stats_hooks
 from dfkd.losses import total_variation
+from dfkd.models.classifier import load_classifier
 from dfkd.synthesis.base import Options, Synthesizer, register_method
 
 
@@ -73,7 +74,8 @@ class BNS(Synthesizer):
 @dataclass
 class MixMixOptions(BNSOptions):
     extra_teachers: str = ""  # comma-separated models inverted together with the teacher (run
-    # directories or dfkd .safetensors files); none: feature mixing over the teacher alone
+    # directories, dfkd .safetensors files, or PATH@ARCH for weights that do not name their
+    # architecture, e.g. a published checkpoint); none: feature mixing over the teacher alone
     ce_weight: float = 1.0  # weight of each model's cross-entropy toward the mixed labels
     mix_prob: float = 0.5  # share of steps whose batch is cut-mixed (data mixing)
 
@@ -117,13 +119,22 @@ class MixMix(BNS):
         return {**super().report(), "models_inverted": len(self.models)}
 
 
-def _load_extra(path: str, teacher):
-    from dfkd.config import TeacherArgs
-
-    model = TeacherArgs(path=path).load().to(teacher.mean.device).eval().requires_grad_(False)
+def _load_extra(entry: str, teacher):
+    """`PATH`, or `PATH@ARCH` for weights saved without dfkd's metadata (a published
+    checkpoint): those take the teacher's input shape and normalization, since they are
+    inverted on the same inputs."""
+    path, at, arch = entry.rpartition("@")
+    if not at or "/" in arch:
+        path, arch = entry, ""
+    spec = teacher.spec
+    inputs = {"input_shape": spec.shape, "mean": spec.mean, "std": spec.std} if arch else {}
+    model = load_classifier(path, arch=arch or None, arch_hint=f"write it as {path}@ARCH in "
+                            "extra_teachers (ARCH: a zoo model or package.module:factory)",
+                            **inputs)
+    model = model.to(teacher.mean.device).eval().requires_grad_(False)
     if tuple(model.spec.shape) != tuple(teacher.spec.shape) or (
             model.spec.num_classes != teacher.spec.num_classes):
-        raise DfkdError(f"extra teacher '{path}' takes {tuple(model.spec.shape)} inputs with "
+        raise DfkdError(f"extra teacher '{entry}' takes {tuple(model.spec.shape)} inputs with "
                         f"{model.spec.num_classes} classes; the teacher takes "
                         f"{tuple(teacher.spec.shape)} with {teacher.spec.num_classes}")
     return model
