@@ -15,6 +15,7 @@ import torch
 from dfkd.models.classifier import load_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.base import balanced_targets
+from dfkd.synthesis.mvn import MVNOptions
 
 TEACHERS = (("resnet20-12fca82f.th", "resnet20a"), ("resnet56-4bfd9763.th", "resnet56a"))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the models' README
@@ -43,7 +44,7 @@ def main() -> None:
             dead = int((h.abs().sum(1) == 0).sum())
             print(f"{arch} mean={mean} (source {synth.mean_source}): p(k) at c_k min "
                   f"{p.min():.3f} mean {p.mean():.3f}; all-zero centres {dead}; label_mismatch "
-                  f"{still:.3f} at sigma 0.01, {drawn:.3f} at sigma {synth.opts.sigma}",
+                  f"{still:.3f} at sigma 0.01, {drawn:.3f} at the default sigma {MVNOptions.sigma}",
                   flush=True)
 
 
