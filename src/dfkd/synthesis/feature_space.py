@@ -80,7 +80,9 @@ class FeatureSpace:
 
     def batchnorm_before(self) -> nn.Module | None:
         """The last BatchNorm before the modeled layer with one statistic per feature: its
-        output is the layer's pre-activation, N(beta, gamma^2) per unit by construction."""
+        output, N(beta, gamma^2) per unit, is the layer's pre-activation in a plain stack; in a
+        residual block the shortcut is added after it, so there it is not (BENCHMARKS.md, "mvn's
+        class centres on residual teachers")."""
         found = None
         for _, m in self.net.named_modules():
             if m is self.module:
