@@ -12,21 +12,23 @@ import argparse
 
 import torch
 
+from dfkd.commands.suites import SUITES
 from dfkd.models.classifier import load_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.base import balanced_targets
 from dfkd.synthesis.mvn import MVNOptions
 
-TEACHERS = (("resnet20-12fca82f.th", "resnet20a"), ("resnet56-4bfd9763.th", "resnet56a"))
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the models' README
+TEACHERS = [SUITES[name] for name in ("cifar10-r20", "cifar10-r56")]  # their published files
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-root", default="../shared/models/cifar10")
     args = parser.parse_args()
-    for file, arch in TEACHERS:
-        teacher = load_classifier(f"{args.models_root}/{file}", arch=arch, mean=MEAN, std=STD)
+    for suite in TEACHERS:
+        pub, arch = suite.published, suite.teacher
+        teacher = load_classifier(f"{args.models_root}/{pub.file}", arch=arch, mean=pub.mean,
+                                  std=pub.std)
         teacher = teacher.eval().requires_grad_(False)
         k = teacher.spec.num_classes
         for mean in ("auto", "bootstrap"):
