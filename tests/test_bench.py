@@ -1,6 +1,8 @@
 """`dfkd bench`: anchors, gap, partial results that survive a crash, equal budgets."""
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -8,9 +10,10 @@ import torch
 import dfkd.commands.bench as bench
 from dfkd.cli import main
 from dfkd.commands.bench import BenchConfig, resolve_methods, run_bench, with_gaps
-from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.config import DistillConfig, TeacherArgs, load_config
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
+from dfkd.machine import code_revision
 from dfkd.models.classifier import load_classifier
 from dfkd.report import REQUIRED_KEYS, distinct_colors
 from dfkd.synthesis import create_synthesizer, list_methods
@@ -51,6 +54,7 @@ def test_bench_writes_every_output_with_anchors_and_gap(finished):
         assert r["curve"][0]["seconds"] == 0 and r["curve"][0]["student_acc"] == \
             r["student_init_acc"]  # the student before its first step
         assert r["machine_gflops"] > 0  # the machine's speed beside each wall-clock number
+        assert "dfkd_commit" in r  # the code beside each number (None for an installed copy)
     assert records[0]["gap"] == 0 and records[1]["teacher_passes"] == 0
     assert json.loads((out / "results.json").read_text()) == records
     md = (out / "results.md").read_text()
@@ -58,7 +62,7 @@ def test_bench_writes_every_output_with_anchors_and_gap(finished):
     assert "| matmul GFLOP/s |" in md and "fp32 matmul" in md and "| at start |" in md
     assert not (out / "default-curves.png").exists()  # nothing to leave out of curves.png
     machine = json.loads((out / "machine.json").read_text())
-    assert {"cpu_count", "cpu_model", "gpu", "torch"} <= set(machine)
+    assert {"cpu_count", "cpu_model", "gpu", "torch", "dfkd_commit"} <= set(machine)
     assert machine["matmul_gflops"] > 0
 
 
@@ -169,6 +173,49 @@ def test_no_anchors_runs_the_requested_methods_alone(tmp_path):
     grown = run_bench(bench.dataclasses.replace(cfg, no_anchors=False), progress=False)
     assert [r["method"] for r in grown] == ["noise", "kd_real", "scratch_real"]  # same folder
     assert grown[0]["gap"] is not None
+
+
+def test_a_folder_filled_by_two_invocations_names_both(tmp_path):
+    """Each row keeps the command that made it, and bench.yaml names every method and seed the
+    folder holds, not only the last invocation's (a records folder is filled over sessions)."""
+    first, second = "dfkd bench --methods noise", "dfkd bench --methods noise[batch_size=8]"
+    run_bench(_cfg(tmp_path, methods="noise", budget="2steps", no_anchors=True, seeds=2),
+              progress=False, command=first)
+    records = run_bench(_cfg(tmp_path, methods="noise[batch_size=8]", budget="2steps"),
+                        progress=False, command=second)
+    assert sorted((r["method"], r["seed"], r["command"]) for r in records) == sorted([
+        ("noise", 0, first), ("noise", 1, first), ("kd_real", 0, second),
+        ("scratch_real", 0, second), ("noise[batch_size=8]", 0, second)])
+    saved = load_config(BenchConfig, tmp_path / "b" / "bench.yaml")
+    assert bench.method_entries(saved.methods) == ["noise", "noise[batch_size=8]"]
+    assert (saved.seeds, saved.no_anchors) == (2, False)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert f"- `{first}`" in md and f"- `{second}`" in md
+    assert bench.method_entries(" mvn[a=1;b=2], nayer,,") == ["mvn[a=1;b=2]", "nayer"]
+
+
+def test_code_revision_names_the_commit_of_a_tracked_package(tmp_path):
+    """A row's dfkd_commit: the commit, '+' for uncommitted changes, None for an installed copy
+    (also one inside someone else's repository)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert code_revision(tmp_path) is None  # no repository at all
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",
+                               "-c", "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    assert code_revision(pkg) is None  # untracked, as a venv's copy would be
+    git("add", "pkg")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    assert code_revision(pkg) == head
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert code_revision(pkg) == head + "+"
 
 
 def test_gap_is_per_seed():

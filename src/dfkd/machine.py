@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,6 +44,29 @@ def matmul_gflops(device: torch.device, seconds: float = 0.3, size: int = 512) -
     return round(2 * size**3 * calls / elapsed / 1e9, 1)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_revision(package: Path = PACKAGE_DIR) -> str | None:
+    """The git commit of the dfkd source that runs, with '+' where that source has uncommitted
+    changes; None for an installed copy (its files are not tracked by a repository). A benchmark
+    row can be rerun from its commit."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                              timeout=10)
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode:
+            return None  # not a checkout of dfkd (e.g. a venv inside someone's repository)
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict:
     memory = None
     try:
@@ -54,6 +78,7 @@ def machine_info() -> dict:
             "memory_gib": memory, "gpu": gpu, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "dfkd": __version__,
+            "dfkd_commit": code_revision(),
             "matmul_gflops": matmul_gflops(torch.device("cpu"))}
 
 

@@ -161,13 +161,17 @@ def suite_default(suite: Suite) -> str:
     return choose_method(Classifier(net, spec, suite.teacher).eval().requires_grad_(False))[0]
 
 
+def method_entries(spec: str) -> list[str]:
+    """The comma-separated entries of --methods; commas inside NAME[...] stay in their entry."""
+    return [t.strip() for t in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec) if t.strip()]
+
+
 def resolve_methods(spec: str, default: str = "", anchors: bool = True) -> list[str]:
     """The anchors first (when `anchors`), then the requested data-free methods
     (validated names); an entry may carry its own options, NAME[key=value;...]; `default`
     stands for the method `auto` chooses for the suite."""
     names: list[str] = []
-    for token in [t.strip() for t in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec)
-                  if t.strip()]:
+    for token in method_entries(spec):
         if token == "all":
             names += [*list_methods(), LRA_ENTRY]
         elif token == "default":
@@ -307,7 +311,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                                                query_budget=cfg.query_budget)
                 report = distill(dcfg, resume=(run_dir / "config.yaml").exists(),
                                  progress=progress, command=command)
-            record = _record(report, method, run_dir)
+            record = _record(report, method, run_dir, command)
         except DfkdError as e:
             record = {"method": method, "seed": seed, "error": str(e)}
         records = [r for r in records if not (r["method"] == method and r["seed"] == seed)]
@@ -329,6 +333,11 @@ def _check_same_settings(cfg: BenchConfig, out: Path) -> None:
         if changed:
             raise DfkdError(f"'{out}' holds a benchmark with different {', '.join(changed)}; "
                             f"rerun with the settings in {saved} or choose another --out")
+        # the folder holds every invocation's rows: its bench.yaml names them all
+        cfg = dataclasses.replace(
+            cfg, methods=",".join(dict.fromkeys([*method_entries(old.methods),
+                                                 *method_entries(cfg.methods)])),
+            seeds=max(old.seeds, cfg.seeds), no_anchors=old.no_anchors and cfg.no_anchors)
     save_config(cfg, saved)
 
 
@@ -342,13 +351,14 @@ def _load_records(out: Path) -> list[dict]:
         raise DfkdError(f"cannot read '{path}': {e}; move it away to start over") from None
 
 
-def _record(report: dict, entry: str, run_dir: Path) -> dict:
+def _record(report: dict, entry: str, run_dir: Path, command: str) -> dict:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("student_acc") is not None]
     curve = [{k: r[k] for k in ("seconds", "teacher_passes", "student_acc", "queries") if k in r}
              for r in evals]
     cls = method_class(parse_entry(entry)[0])
     return {**report, "method": entry, "family": cls.family,
-            "uses_real_data": cls.uses_real_data, "run_dir": str(run_dir), "curve": curve}
+            "uses_real_data": cls.uses_real_data, "run_dir": str(run_dir), "curve": curve,
+            "command": command or None}
 
 
 def with_gaps(records: list[dict]) -> list[dict]:
@@ -408,8 +418,15 @@ def results_markdown(records: list[dict], cfg: BenchConfig, suite: Suite, machin
                 f"is a slimmer copy (--student-init {cfg.student_init})."
                 if cfg.student_init != "random" else ""), "",
              f"Machine: {machine_line(machine)}.", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
+    # a folder filled by several invocations names each; records older than this field
+    # fall back to the latest command
+    commands = list(dict.fromkeys(r["command"] for r in records if r.get("command"))) or (
+        [command] if command else [])
+    if len(commands) == 1:
+        lines += [f"Command: `{commands[0]}`", ""]
+    elif commands:
+        lines += ["Commands (results.json gives each row its own):", "",
+                  *[f"- `{c}`" for c in commands], ""]
     columns = ["method", "student acc", "at start", "gap to kd_real", "agreement", "teacher acc",
                *(["student ASR", "teacher ASR"] if cfg.poison else []),
                *(["queries"] if cfg.access else []), "synthesis s",

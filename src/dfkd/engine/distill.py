@@ -34,7 +34,7 @@ from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, model_asr, predict_logits
 from dfkd.io import append_jsonl, read_jsonl, truncate_jsonl
-from dfkd.machine import matmul_gflops
+from dfkd.machine import code_revision, matmul_gflops
 from dfkd.models import default_student
 from dfkd.models.classifier import Classifier, new_classifier, save_classifier
 from dfkd.optim import cosine_lr, make_optimizer
@@ -428,7 +428,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "passes_over_set": round(state.set_passes, 2) if source.samples is not None else None,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
         "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "dfkd_commit": code_revision(),
         "machine_gflops": matmul_gflops(device),  # after the budget: it costs the run nothing
         "method_options": dict(vars(synth.opts)) if synth else {},
         "per_class_acc": final.get("per_class_acc"),
