@@ -20,9 +20,11 @@ from dfkd.engine.plan import (
     inversion_step,
     measure_costs,
     plan_run,
+    proportional_steps,
     replan_steps_per_round,
 )
 from dfkd.errors import DfkdError
+from dfkd.io import read_jsonl
 from dfkd.models.classifier import InputSpec, load_classifier, new_classifier
 
 RESNET_ON_CPU = Costs(inversion=0.003, student_step=0.3)  # ResNet-20 -> resnet8a here, roughly
@@ -69,6 +71,23 @@ def test_replanning_follows_the_measured_costs():
     # synthesis ran over its share: one more round, the rest of the budget to the student
     over = replan_steps_per_round(plan, RESNET_ON_CPU, remaining=200, synthesized=390, spent=400)
     assert over == int((200 - 30) / 0.3)
+
+
+def test_proportional_gaps_grow_with_the_set():
+    """The proportional schedule splits the same student steps in proportion to the set's size
+    at each gap: few while the set is small, so that it grows ahead of the student."""
+    plan = plan_run(RESNET_ON_CPU, 600, 10, batch_size=256, steps=200)  # 10 rounds of 100
+    # after the first round: 9 rounds and 900 student steps ahead, over sets of 100..900
+    first = replan_steps_per_round(plan, RESNET_ON_CPU, 540, 30, 60, samples=100)
+    assert first == 900 * 100 // (9 * 100 + 100 * 36) == 20
+    # the last round left: everything to the student
+    last = replan_steps_per_round(plan, RESNET_ON_CPU, 60, 270, 540, samples=900)
+    assert last == replan_steps_per_round(plan, RESNET_ON_CPU, 60, 270, 540) == 100
+    # a step budget's gaps (counted costs, never re-measured): k/(R+1) of twice the even gap,
+    # the plan's student steps in all
+    gaps = [proportional_steps(plan, k) for k in range(1, plan.rounds + 1)]
+    assert gaps == [round(100 * 2 * k / 11) for k in range(1, 11)]
+    assert abs(sum(gaps) - plan.rounds * plan.steps_per_round) <= plan.rounds
 
 
 def test_a_method_dearer_than_the_probe_is_planned_again_from_its_first_round():
@@ -161,7 +180,8 @@ def test_the_fixed_schedule_and_a_given_steps_per_round(digits_teacher, tmp_path
     assert fixed["plan"]["steps_per_round"] == 200 and fixed["synthesis_rounds"] == 1
     given = distill(_cfg(digits_teacher, tmp_path / "g", steps_per_round=10), progress=False)
     assert given["plan"]["steps_per_round"] == 10 and given["synthesis_rounds"] == 3
-    with pytest.raises(DfkdError, match="unknown schedule 'soon'; choose one of: planned, fixed"):
+    with pytest.raises(DfkdError, match="unknown schedule 'soon'; choose one of: planned, "
+                       "proportional, fixed"):
         distill(_cfg(digits_teacher, tmp_path / "bad", schedule="soon"), progress=False)
 
 
@@ -193,3 +213,24 @@ def test_a_planned_wall_clock_run_replans_between_rounds(digits_teacher, tmp_pat
                           method_options={"batch_size": 16, "steps": 5}), progress=False)
     assert report["plan"]["costs"]["unit"] == "s" and report["synthesis_rounds"] >= 2
     assert load_classifier(tmp_path / "w").arch == "digits_cnn_quarter"
+
+
+def test_the_proportional_schedule_grows_the_set_ahead_of_the_student(digits_teacher, tmp_path):
+    """Same plan, same student steps: the proportional schedule's set is larger at every
+    evaluation before the last, and the run stays reproducible under a step budget."""
+    def run(name, **kw):
+        report = distill(_cfg(digits_teacher, tmp_path / name, budget="60steps",
+                              method_options={"batch_size": 32, "steps": 2}, eval_points=4,
+                              **kw), progress=False)
+        evals = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "samples" in r]
+        return report, [r["samples"] for r in evals]
+
+    even, even_sizes = run("even")
+    grown, grown_sizes = run("grown", schedule="proportional")
+    assert grown["plan"]["schedule"] == "proportional"
+    assert {k: grown["plan"][k] for k in ("batch_size", "steps", "rounds")} == \
+        {k: even["plan"][k] for k in ("batch_size", "steps", "rounds")}
+    assert all(g > e for g, e in zip(grown_sizes[1:-1], even_sizes[1:-1], strict=True)), \
+        (grown_sizes, even_sizes)
+    again, again_sizes = run("again", schedule="proportional")
+    assert again_sizes == grown_sizes and again["student_acc"] == grown["student_acc"]

@@ -24,7 +24,7 @@ PRECISIONS = ("fp32", "bf16")
 
 # how a transfer-set run is scheduled (dfkd.engine.plan), and the fixed schedule's student
 # steps per round
-SCHEDULES = ("planned", "fixed")
+SCHEDULES = ("planned", "proportional", "fixed")
 FIXED_STEPS_PER_ROUND = 200
 
 # where the student's weights start (dfkd.student.start), and how an online method's batch
@@ -186,8 +186,11 @@ class DistillConfig:
                           "student step)", choices=RELABELS)
     schedule: str = option("planned", "transfer-set methods: planned (samples per round, "
                            "inversion steps and student steps between rounds planned from "
-                           "measured costs for the budget) or fixed (the method's own rounds, "
-                           f"{FIXED_STEPS_PER_ROUND} student steps apart)", choices=SCHEDULES)
+                           "measured costs for the budget; the student's steps split evenly "
+                           "between rounds), proportional (planned, the student's steps between "
+                           "rounds in proportion to the set's size) or fixed (the method's own "
+                           f"rounds, {FIXED_STEPS_PER_ROUND} student steps apart)",
+                           choices=SCHEDULES)
     steps_per_round: int | None = option(None, "student steps between synthesis rounds "
                                          "(default: the schedule's)")
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill

@@ -84,8 +84,9 @@ class BenchConfig:
                        metavar="{kd,l1,at,fa,crd}")
     student_init: str = option("auto", "where every student starts, the kd_real anchor's too "
                                "(scratch_real always starts random)", choices=STUDENT_INITS)
-    schedule: str = option("planned", "transfer-set rounds of every method: planned by cost or "
-                           "fixed", choices=SCHEDULES)
+    schedule: str = option("planned", "transfer-set rounds of every method: planned by cost "
+                           "(student steps even or proportional to the set) or fixed",
+                           choices=SCHEDULES)
     relabel: str = option("teacher", "the targets of every transfer-set method's augmented "
                           "batches: the teacher's on each batch, or the stored ones blended",
                           choices=RELABELS)

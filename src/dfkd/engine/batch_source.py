@@ -23,6 +23,7 @@ from dfkd.engine.plan import (
     Planner,
     counted,
     measure_costs,
+    proportional_steps,
     replan_steps_per_round,
 )
 from dfkd.engine.run_state import RunState
@@ -136,7 +137,8 @@ class GrowingSet(StoredSet):
             spent = self.first_round_flops if self.schedule.unit == "flop" \
                 else state.synthesis_seconds
             self.say(self.schedule.replan(spent / state.image_steps))
-        state.next_round = state.step + self.schedule.steps_to_next_round(state.elapsed())
+        state.next_round = state.step + self.schedule.steps_to_next_round(state.elapsed(),
+                                                                          len(self.tset))
 
     def checkpoint_parts(self) -> int:
         return len(self.tset.parts)
@@ -195,14 +197,16 @@ class Schedule:
     """When the next synthesis round is due. The plan's round size and steps are set on the
     method; a `planner` (a fresh planned run) plans them again once from the first round's
     measured cost, and under a planned wall-clock run the student steps to the next round are
-    re-planned after each round from the costs measured so far."""
+    re-planned after each round from the costs measured so far. The proportional schedule gives
+    each gap student steps in proportion to the set's size."""
 
     def __init__(self, cfg: DistillConfig, budget: Budget, synth, state: RunState,
                  planner: Planner | None):
         self.state, self.budget, self.synth, self.planner = state, budget, synth, planner
         self.unit = state.costs["unit"]  # "none": a fixed plan, nothing measured to re-plan by
-        self.replan_steps = (cfg.schedule == "planned" and budget.seconds is not None
-                             and cfg.steps_per_round is None and self.unit != "none")
+        planned = cfg.schedule != "fixed" and cfg.steps_per_round is None and self.unit != "none"
+        self.proportional = planned and cfg.schedule == "proportional"
+        self.replan_steps = planned and budget.seconds is not None
         self._set(Plan(**state.plan))
 
     def _set(self, plan: Plan) -> None:
@@ -232,17 +236,22 @@ class Schedule:
             return (f"fixed schedule: rounds of {self.plan.batch_size} samples x {self.plan.steps} "
                     f"steps, {self.plan.steps_per_round} student steps apart")
         c = self.state.costs
-        return (f"{self.plan.describe()}; costs ({self.unit}): {c['inversion']:.3g} per image "
-                f"and inversion step, {c['student_step']:.3g} per student step")
+        grows = " (their mean: they grow with the set)" if self.proportional else ""
+        return (f"{self.plan.describe()}{grows}; costs ({self.unit}): {c['inversion']:.3g} per "
+                f"image and inversion step, {c['student_step']:.3g} per student step")
 
-    def steps_to_next_round(self, spent: float) -> int:
-        if not self.replan_steps:
-            return self.plan.steps_per_round
+    def steps_to_next_round(self, spent: float, samples: int) -> int:
+        """Student steps from now (`spent` of the budget gone, `samples` in the set) to the next
+        round."""
         s = self.state
+        if not self.replan_steps:
+            return proportional_steps(self.plan, s.rounds) if self.proportional \
+                else self.plan.steps_per_round
         measured = Costs(s.synthesis_seconds / max(1, s.image_steps),
                          s.train_seconds / s.step if s.step else s.costs["student_step"])
         return replan_steps_per_round(self.plan, measured, self.budget.seconds - spent,
-                                      s.synthesis_seconds, spent)
+                                      s.synthesis_seconds, spent,
+                                      samples if self.proportional else None)
 
 
 def method_source(synth, out: Path, augment: str, autocast) -> BatchSource:

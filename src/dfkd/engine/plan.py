@@ -14,7 +14,10 @@ budget by what things cost here:
   student memorises its set, above it better samples pay more than more of them;
 - samples per round are the method's own, cut (never below `MIN_BATCH`) so that the set grows
   over at least `MIN_ROUNDS` rounds and the student trains on it while it grows;
-- student steps between rounds split the student's share evenly between the rounds.
+- student steps between rounds split the student's share evenly between the rounds, or
+  (`--schedule proportional`) in proportion to the set's size at each gap, so that every round
+  gets the same passes over the set: the student takes few steps while the set is small and the
+  set grows ahead of it.
 
 The probe times a plain inversion step (teacher forward and backward), which a method's own
 step can cost several times over (a generator to train, a memory bank to contrast against, the
@@ -115,17 +118,28 @@ def plan_run(costs: Costs, budget: float, num_classes: int, *, batch_size: int, 
 
 
 def replan_steps_per_round(plan: Plan, costs: Costs, remaining: float, synthesized: float,
-                           spent: float) -> int:
+                           spent: float, samples: int | None = None) -> int:
     """Student steps until the next round, from the costs measured so far: the rounds the
     remaining synthesis share still affords, and the student's share of the remaining budget
-    split evenly between them. `synthesized` and `spent` are the seconds spent so far on
+    split between them, evenly or, given the set's size now (`samples`), in proportion to the
+    set's size at each gap ahead. `synthesized` and `spent` are the seconds spent so far on
     synthesis and in all."""
     total = spent + remaining
     synthesis_left = max(0.0, SYNTHESIS_SHARE * total - synthesized)
     round_cost = plan.batch_size * plan.steps * costs.inversion
     rounds_left = max(1, math.floor(synthesis_left / round_cost))
-    student_left = max(0.0, remaining - rounds_left * round_cost)
-    return max(1, math.floor(student_left / costs.student_step / rounds_left))
+    student_steps = max(0.0, remaining - rounds_left * round_cost) / costs.student_step
+    if samples is None:
+        return max(1, math.floor(student_steps / rounds_left))
+    sizes_ahead = rounds_left * samples + plan.batch_size * rounds_left * (rounds_left - 1) / 2
+    return max(1, math.floor(student_steps * samples / sizes_ahead))
+
+
+def proportional_steps(plan: Plan, rounds_done: int) -> int:
+    """The planned student steps after round `rounds_done` (of the plan's `rounds`) when they
+    grow with the set: the plan's student steps split over its rounds in proportion to the
+    set's size, for a step budget, whose costs are counted once and never re-measured."""
+    return max(1, round(plan.steps_per_round * 2 * rounds_done / (plan.rounds + 1)))
 
 
 def _student_step(student, teacher, x: torch.Tensor, relabel: bool) -> None:
