@@ -164,6 +164,23 @@ def test_method_variants_are_rows_of_their_own(tmp_path):
     assert "| noise[batch_size=8] |" in (bench.Path(cfg.out) / "results.md").read_text()
 
 
+def test_an_entry_sets_its_own_schedule_side_by_side(tmp_path):
+    """NAME[schedule=...] runs that row under its own schedule in the same table, seed by seed;
+    the key is a distill setting, never passed to the method as an option."""
+    assert resolve_methods("default[schedule=proportional]", "nayer", anchors=False) == [
+        "nayer[schedule=proportional]"]
+    with pytest.raises(DfkdError, match="unknown schedule 'nope'; choose one of: planned"):
+        resolve_methods("deepinv[schedule=nope]")
+    cfg = _cfg(tmp_path, methods="deepinv,deepinv[schedule=fixed;relabel=stored]",
+               no_anchors=True)
+    plain, variant = run_bench(cfg, progress=False)
+    assert plain["plan"]["schedule"] == "planned" and variant["plan"]["schedule"] == "fixed"
+    assert "schedule" not in variant["method_options"]
+    assert variant["method_options"]["steps"] == plain["method_options"]["steps"] == 3
+    saved = load_config(DistillConfig, bench.Path(variant["run_dir"]) / "config.yaml")
+    assert (saved.schedule, saved.relabel) == ("fixed", "stored")
+
+
 def test_no_anchors_runs_the_requested_methods_alone(tmp_path):
     """A screen of one method: no real-data rows, so no gap, and the table says n/a."""
     cfg = _cfg(tmp_path, methods="noise", no_anchors=True)

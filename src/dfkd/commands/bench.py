@@ -58,8 +58,10 @@ LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the pap
 class BenchConfig:
     suite: str = option("digits", "the benchmark suite", choices=SUITE_NAMES)
     methods: str = option("all", "all, default, or names like deepinv,noise; NAME[key=value;...] "
-                          "adds a variant with its own options (a row of its own); the real-data "
-                          "anchors kd_real and scratch_real run too, unless --no-anchors")
+                          "adds a variant with its own options (a row of its own; schedule= "
+                          "and relabel= set those for the row alone, e.g. "
+                          "default[schedule=proportional]); the real-data anchors kd_real and "
+                          "scratch_real run too, unless --no-anchors")
     budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
                                 "digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
                                 "cifar10-r56)")
@@ -132,11 +134,29 @@ def split_variant(entry: str) -> tuple[str, dict]:
     return match.group(1), opts
 
 
+# distill settings an entry may set for its own row (NAME[schedule=proportional]), so that two
+# settings run side by side, seed by seed, in one table; every other key is a method option
+ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS}
+
+
+def entry_settings(entry: str) -> dict:
+    """The distill settings an entry sets for its row, checked: 'nayer[schedule=fixed]' ->
+    {'schedule': 'fixed'}."""
+    settings = {k: v for k, v in split_variant(entry)[1].items() if k in ENTRY_SETTINGS}
+    for key, value in settings.items():
+        if value not in ENTRY_SETTINGS[key]:
+            raise DfkdError(f"'{entry}': unknown {key} '{value}'; choose one of: "
+                            f"{', '.join(ENTRY_SETTINGS[key])}")
+    return settings
+
+
 def parse_entry(entry: str) -> tuple[str, dict, str, str]:
     """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra', 'none'): the method, its
-    options, the student update (`+lra`; plain without) and the backdoor defence (`+abd` or
-    `+nc`; none without), checked."""
+    options (without the entry's distill settings), the student update (`+lra`; plain without)
+    and the backdoor defence (`+abd` or `+nc`; none without), checked."""
     name, opts = split_variant(entry)
+    opts = {k: v for k, v in opts.items() if k not in ENTRY_SETTINGS}
+    entry_settings(entry)
     method, *suffixes = name.split("+")
     cls = method_class(method)  # one-line error listing the methods
     defenses = [s for s in suffixes if s in DEFENSES[1:]]
@@ -175,8 +195,9 @@ def resolve_methods(spec: str, default: str = "", anchors: bool = True) -> list[
     for token in method_entries(spec):
         if token == "all":
             names += [*list_methods(), LRA_ENTRY]
-        elif token == "default":
-            names.append(default)
+        elif split_variant(token)[0] == "default":  # default[...]: its options too
+            names.append(default + token[len("default"):])
+            parse_entry(names[-1])
         else:
             parse_entry(token)
             names.append(token)
@@ -290,13 +311,15 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
             teacher = suite_teacher(cfg, suite, seed, progress, published)
         run_dir = out / "runs" / re.sub(r"[^\w.=-]+", "_", method).strip("_") / f"seed{seed}"
         method_name, _, update, defense = parse_entry(method)
+        settings = entry_settings(method)
         dcfg = DistillConfig(teacher=teacher, method=method_name,
                              update=update, defense=defense, eval_trigger=cfg.poison,
                              defense_options=_set_options(cfg, defense),
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
-                             schedule=cfg.schedule, relabel=cfg.relabel,
+                             schedule=settings.get("schedule", cfg.schedule),
+                             relabel=settings.get("relabel", cfg.relabel),
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)
