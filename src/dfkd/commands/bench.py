@@ -144,9 +144,10 @@ def entry_settings(entry: str) -> dict:
     {'schedule': 'fixed'}."""
     settings = {k: v for k, v in split_variant(entry)[1].items() if k in ENTRY_SETTINGS}
     for key, value in settings.items():
-        if value not in ENTRY_SETTINGS[key]:
-            raise DfkdError(f"'{entry}': unknown {key} '{value}'; choose one of: "
-                            f"{', '.join(ENTRY_SETTINGS[key])}")
+        try:
+            require_one_of(key, value, ENTRY_SETTINGS[key])
+        except DfkdError as e:
+            raise DfkdError(f"'{entry}': {e}") from None
     return settings
 
 
