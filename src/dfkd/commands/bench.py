@@ -139,25 +139,30 @@ def split_variant(entry: str) -> tuple[str, dict]:
 ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS}
 
 
-def entry_settings(entry: str) -> dict:
-    """The distill settings an entry sets for its row, checked: 'nayer[schedule=fixed]' ->
-    {'schedule': 'fixed'}."""
-    settings = {k: v for k, v in split_variant(entry)[1].items() if k in ENTRY_SETTINGS}
+def split_settings(entry: str, opts: dict) -> tuple[dict, dict]:
+    """An entry's keys split into method options and its distill settings, the settings checked:
+    {'steps': '3', 'schedule': 'fixed'} -> ({'steps': '3'}, {'schedule': 'fixed'})."""
+    settings = {k: v for k, v in opts.items() if k in ENTRY_SETTINGS}
     for key, value in settings.items():
         try:
             require_one_of(key, value, ENTRY_SETTINGS[key])
         except DfkdError as e:
             raise DfkdError(f"'{entry}': {e}") from None
-    return settings
+    return {k: v for k, v in opts.items() if k not in settings}, settings
+
+
+def entry_settings(entry: str) -> dict:
+    """The distill settings an entry sets for its row, checked: 'nayer[schedule=fixed]' ->
+    {'schedule': 'fixed'}."""
+    return split_settings(entry, split_variant(entry)[1])[1]
 
 
 def parse_entry(entry: str) -> tuple[str, dict, str, str]:
     """'dfad+lra[lr_g=0.001]' -> ('dfad', {'lr_g': '0.001'}, 'lra', 'none'): the method, its
-    options (without the entry's distill settings), the student update (`+lra`; plain without)
-    and the backdoor defence (`+abd` or `+nc`; none without), checked."""
+    options (without the entry's distill settings, which are checked), the student update
+    (`+lra`; plain without) and the backdoor defence (`+abd` or `+nc`; none without), checked."""
     name, opts = split_variant(entry)
-    opts = {k: v for k, v in opts.items() if k not in ENTRY_SETTINGS}
-    entry_settings(entry)
+    opts, _ = split_settings(entry, opts)
     method, *suffixes = name.split("+")
     cls = method_class(method)  # one-line error listing the methods
     defenses = [s for s in suffixes if s in DEFENSES[1:]]
