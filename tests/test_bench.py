@@ -171,14 +171,21 @@ def test_an_entry_sets_its_own_schedule_side_by_side(tmp_path):
         "nayer[schedule=proportional]"]
     with pytest.raises(DfkdError, match="unknown schedule 'nope'; choose one of: planned"):
         resolve_methods("deepinv[schedule=nope]")
-    cfg = _cfg(tmp_path, methods="deepinv,deepinv[schedule=fixed;relabel=stored]",
-               no_anchors=True)
-    plain, variant = run_bench(cfg, progress=False)
+    with pytest.raises(DfkdError, match="share must be a number between 0 and 1, not '1'"):
+        resolve_methods("deepinv[synthesis_share=1]")
+    cfg = _cfg(tmp_path, methods="deepinv,deepinv[schedule=fixed;relabel=stored],"
+               "deepinv[synthesis_share=0.8]", no_anchors=True)
+    plain, variant, dearer = run_bench(cfg, progress=False)
     assert plain["plan"]["schedule"] == "planned" and variant["plan"]["schedule"] == "fixed"
     assert "schedule" not in variant["method_options"]
     assert variant["method_options"]["steps"] == plain["method_options"]["steps"] == 3
     saved = load_config(DistillConfig, bench.Path(variant["run_dir"]) / "config.yaml")
     assert (saved.schedule, saved.relabel) == ("fixed", "stored")
+    # a larger share of the budget planned for synthesis
+    assert "synthesis_share" not in dearer["method_options"]
+    assert dearer["plan"]["synthesis_share"] > 0.7 > plain["plan"]["synthesis_share"]
+    assert load_config(DistillConfig, bench.Path(dearer["run_dir"]) / "config.yaml"
+                       ).synthesis_share == 0.8
 
 
 def test_no_anchors_runs_the_requested_methods_alone(tmp_path):

@@ -46,6 +46,17 @@ def test_a_cheap_teacher_keeps_the_methods_round():
     assert plan.steps_per_round == int((300 - synth) / 0.03 / 19)
 
 
+def test_a_larger_synthesis_share_buys_more_samples_and_fewer_student_steps():
+    half = plan_run(RESNET_ON_CPU, 600, 10, batch_size=100, steps=100)  # rounds of 30 s
+    more = plan_run(RESNET_ON_CPU, 600, 10, batch_size=100, steps=100, share=0.7)
+    assert (half.rounds, more.rounds) == (10, 14) and more.synthesis_share == pytest.approx(0.7)
+    assert (half.steps_per_round, more.steps_per_round) == (100, 600 // 14)  # 180 s at 0.3 s
+    assert Planner(600, 10, 100, 100, share=0.7).plan(RESNET_ON_CPU) == more
+    # re-planned after the first round against the same share: 13 rounds of 30 s still due
+    assert replan_steps_per_round(more, RESNET_ON_CPU, remaining=570, synthesized=30,
+                                  spent=30, share=0.7) == 600 // 13
+
+
 def test_floors_on_a_budget_too_small_for_anything():
     plan = plan_run(RESNET_ON_CPU, 3, 10, batch_size=256, steps=200)  # 25 samples at most
     assert plan.steps == MIN_STEPS and plan.batch_size == MIN_BATCH and plan.rounds == 1
@@ -175,6 +186,20 @@ def test_a_planned_run_reports_its_plan_and_what_happened(digits_teacher, tmp_pa
     assert again["plan"] == plan and again["student_acc"] == report["student_acc"]
 
 
+def test_a_step_budget_planned_with_a_larger_synthesis_share(digits_teacher, tmp_path):
+    """The student's steps stay the budget; the share sets what synthesis may count beside
+    them, so the same steps are planned with more rounds."""
+    half = distill(_cfg(digits_teacher, tmp_path / "half", budget="60steps"), progress=False)
+    more = distill(_cfg(digits_teacher, tmp_path / "more", budget="60steps",
+                        synthesis_share=0.8), progress=False)
+    plan, probe = more["plan"], more["plan"]["from_probe"]
+    budget = 60 * probe["costs"]["student_step"] / (1 - 0.8)
+    planner = Planner(budget, 10, 8, 4, fixed=frozenset({"batch_size", "steps"}), share=0.8)
+    assert _plan_of(plan) == planner.plan(Costs(**plan["costs"]))
+    assert more["steps"] == half["steps"] == 60
+    assert plan["rounds"] > half["plan"]["rounds"]
+
+
 def test_the_fixed_schedule_and_a_given_steps_per_round(digits_teacher, tmp_path):
     fixed = distill(_cfg(digits_teacher, tmp_path / "f", schedule="fixed"), progress=False)
     assert fixed["plan"]["steps_per_round"] == 200 and fixed["synthesis_rounds"] == 1
@@ -183,6 +208,8 @@ def test_the_fixed_schedule_and_a_given_steps_per_round(digits_teacher, tmp_path
     with pytest.raises(DfkdError, match="unknown schedule 'soon'; choose one of: planned, "
                        "proportional, fixed"):
         distill(_cfg(digits_teacher, tmp_path / "bad", schedule="soon"), progress=False)
+    with pytest.raises(DfkdError, match="share must be a number between 0 and 1, not '0'"):
+        distill(_cfg(digits_teacher, tmp_path / "bad", synthesis_share=0), progress=False)
 
 
 def test_the_planner_cuts_a_methods_own_round_for_the_budget(digits_teacher, tmp_path):

@@ -26,6 +26,19 @@ PRECISIONS = ("fp32", "bf16")
 # steps per round
 SCHEDULES = ("planned", "proportional", "fixed")
 FIXED_STEPS_PER_ROUND = 200
+SYNTHESIS_SHARE = 0.5  # of a planned run's budget, for synthesis, unless the run sets its own
+
+
+def synthesis_share(value) -> float:
+    """`value` as a share of the budget for synthesis, or the one-line error that says why not."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = None
+    if share is None or not 0 < share < 1:
+        raise DfkdError(f"the synthesis share must be a number between 0 and 1, not '{value}': "
+                        "it is the share of the budget spent synthesizing")
+    return share
 
 # where the student's weights start (dfkd.student.start), and how an online method's batch
 # moves them (dfkd.student.update), here for the same reason
@@ -191,6 +204,8 @@ class DistillConfig:
                            "rounds in proportion to the set's size) or fixed (the method's own "
                            f"rounds, {FIXED_STEPS_PER_ROUND} student steps apart)",
                            choices=SCHEDULES)
+    synthesis_share: float = option(SYNTHESIS_SHARE, "planned schedules: the share of the "
+                                    "budget spent synthesizing, the rest training the student")
     steps_per_round: int | None = option(None, "student steps between synthesis rounds "
                                          "(default: the schedule's)")
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill

@@ -32,12 +32,14 @@ from dfkd.config import (
     RELABELS,
     SCHEDULES,
     STUDENT_INITS,
+    SYNTHESIS_SHARE,
     Budget,
     DistillConfig,
     TeacherArgs,
     load_config,
     option,
     save_config,
+    synthesis_share,
     to_dict,
 )
 from dfkd.engine.distill import distill
@@ -58,8 +60,8 @@ LRA_ENTRY = "dfad+lra"  # `all` runs LRA on the online method closest to the pap
 class BenchConfig:
     suite: str = option("digits", "the benchmark suite", choices=SUITE_NAMES)
     methods: str = option("all", "all, default, or names like deepinv,noise; NAME[key=value;...] "
-                          "adds a variant with its own options (a row of its own; schedule= "
-                          "and relabel= set those for the row alone, e.g. "
+                          "adds a variant with its own options (a row of its own; schedule=, "
+                          "relabel= and synthesis_share= set those for the row alone, e.g. "
                           "default[schedule=proportional]); the real-data anchors kd_real and "
                           "scratch_real run too, unless --no-anchors")
     budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
@@ -135,17 +137,23 @@ def split_variant(entry: str) -> tuple[str, dict]:
 
 
 # distill settings an entry may set for its own row (NAME[schedule=proportional]), so that two
-# settings run side by side, seed by seed, in one table; every other key is a method option
-ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS}
+# settings run side by side, seed by seed, in one table: their choices, or what parses them.
+# Every other key is a method option
+ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS, "synthesis_share": synthesis_share}
 
 
 def split_settings(entry: str, opts: dict) -> tuple[dict, dict]:
-    """An entry's keys split into method options and its distill settings, the settings checked:
-    {'steps': '3', 'schedule': 'fixed'} -> ({'steps': '3'}, {'schedule': 'fixed'})."""
-    settings = {k: v for k, v in opts.items() if k in ENTRY_SETTINGS}
-    for key, value in settings.items():
+    """An entry's keys split into method options and its distill settings, the settings checked
+    and parsed: {'steps': '3', 'schedule': 'fixed'} -> ({'steps': '3'}, {'schedule': 'fixed'})."""
+    settings = {}
+    for key in opts.keys() & ENTRY_SETTINGS.keys():
+        kind = ENTRY_SETTINGS[key]
         try:
-            require_one_of(key, value, ENTRY_SETTINGS[key])
+            if isinstance(kind, tuple):
+                require_one_of(key, opts[key], kind)
+                settings[key] = opts[key]
+            else:
+                settings[key] = kind(opts[key])
         except DfkdError as e:
             raise DfkdError(f"'{entry}': {e}") from None
     return {k: v for k, v in opts.items() if k not in settings}, settings
@@ -326,6 +334,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              student=suite.student, student_init=cfg.student_init,
                              schedule=settings.get("schedule", cfg.schedule),
                              relabel=settings.get("relabel", cfg.relabel),
+                             synthesis_share=settings.get("synthesis_share", SYNTHESIS_SHARE),
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)

@@ -17,7 +17,6 @@ import torch
 from dfkd.blackbox.teacher import is_black_box
 from dfkd.config import FIXED_STEPS_PER_ROUND, Budget, DistillConfig
 from dfkd.engine.plan import (
-    SYNTHESIS_SHARE,
     Costs,
     Plan,
     Planner,
@@ -186,10 +185,11 @@ def plan_schedule(cfg: DistillConfig, budget: Budget, synth, teacher: Classifier
     costs = measure_costs(teacher, student, cfg.batch_size, timed=timed,
                           relabel=cfg.relabel == "teacher")
     total = budget.seconds if timed else \
-        budget.steps * costs.student_step / (1 - SYNTHESIS_SHARE)
+        budget.steps * costs.student_step / (1 - cfg.synthesis_share)
     fixed = frozenset(k for k, name in (("batch_size", size_key), ("steps", steps_key))
                       if name in cfg.method_options)
-    planner = Planner(total, teacher.spec.num_classes, batch, steps, fixed, cfg.steps_per_round)
+    planner = Planner(total, teacher.spec.num_classes, batch, steps, fixed, cfg.steps_per_round,
+                      cfg.synthesis_share)
     return planner.plan(costs), costs, planner
 
 
@@ -207,6 +207,7 @@ class Schedule:
         planned = cfg.schedule != "fixed" and cfg.steps_per_round is None and self.unit != "none"
         self.proportional = planned and cfg.schedule == "proportional"
         self.replan_steps = planned and budget.seconds is not None
+        self.share = cfg.synthesis_share
         self._set(Plan(**state.plan))
 
     def _set(self, plan: Plan) -> None:
@@ -251,7 +252,7 @@ class Schedule:
                          s.train_seconds / s.step if s.step else s.costs["student_step"])
         return replan_steps_per_round(self.plan, measured, self.budget.seconds - spent,
                                       s.synthesis_seconds, spent,
-                                      samples if self.proportional else None)
+                                      samples if self.proportional else None, self.share)
 
 
 def method_source(synth, out: Path, augment: str, autocast) -> BatchSource:

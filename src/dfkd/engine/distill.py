@@ -26,7 +26,14 @@ from dfkd.accel import Accel, pick_device
 from dfkd.backdoor import Trigger
 from dfkd.blackbox.teacher import QueryBudgetSpent, is_black_box, metered
 from dfkd.checkpoint import load_checkpoint, save_checkpoint
-from dfkd.config import RELABELS, SCHEDULES, Budget, DistillConfig, prepare_run_dir
+from dfkd.config import (
+    RELABELS,
+    SCHEDULES,
+    Budget,
+    DistillConfig,
+    prepare_run_dir,
+    synthesis_share,
+)
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
 from dfkd.engine.method_choice import AUTO, choose_method
@@ -102,6 +109,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     augment.check(cfg.augment)
     require_choice(cfg, "schedule", SCHEDULES)
     require_choice(cfg, "relabel", RELABELS)
+    synthesis_share(cfg.synthesis_share)
     accel = Accel.of(cfg)
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)

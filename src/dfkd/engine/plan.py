@@ -8,7 +8,8 @@ budget by what things cost here:
 - `Costs.inversion`: seconds per image per inversion step of the method (teacher forward and
   backward plus the method's own work), and `Costs.student_step`: seconds per student step
   (student forward and backward plus the teacher's relabelling of the batch);
-- a share `SYNTHESIS_SHARE` of the budget goes to synthesis, the rest to the student;
+- a share of the budget goes to synthesis (`SYNTHESIS_SHARE` unless `--synthesis-share` says
+  otherwise), the rest to the student;
 - inversion steps per sample are the method's own, cut (never below `MIN_STEPS`) only when the
   budget could not otherwise make `MIN_SAMPLES_PER_CLASS` samples per class: below that the
   student memorises its set, above it better samples pay more than more of them;
@@ -43,9 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from dfkd.accel import synchronize
+from dfkd.config import SYNTHESIS_SHARE
 from dfkd.losses import kd_loss
 
-SYNTHESIS_SHARE = 0.5  # of the budget, for synthesis
 MIN_SAMPLES_PER_CLASS = 100  # the set the budget must reach before steps per sample are cut
 MIN_STEPS = 20  # inversion steps per sample, at the least
 MIN_ROUNDS = 10  # the set grows over at least this many rounds
@@ -89,18 +90,21 @@ class Planner:
     steps: int  # the method's own inversion steps per round
     fixed: frozenset[str] = frozenset()
     steps_per_round: int | None = None
+    share: float = SYNTHESIS_SHARE
 
     def plan(self, costs: Costs) -> Plan:
         return plan_run(costs, self.budget, self.num_classes, batch_size=self.batch_size,
-                        steps=self.steps, fixed=self.fixed, steps_per_round=self.steps_per_round)
+                        steps=self.steps, fixed=self.fixed, steps_per_round=self.steps_per_round,
+                        share=self.share)
 
 
 def plan_run(costs: Costs, budget: float, num_classes: int, *, batch_size: int, steps: int,
-             fixed: frozenset[str] = frozenset(), steps_per_round: int | None = None) -> Plan:
-    """The schedule for a run of `budget` (in the unit of `costs`) from nothing synthesized.
-    `batch_size` and `steps` are the method's own per round; names in `fixed` (batch_size,
-    steps) are the user's and kept, as is a given `steps_per_round`."""
-    synthesis = SYNTHESIS_SHARE * budget
+             fixed: frozenset[str] = frozenset(), steps_per_round: int | None = None,
+             share: float = SYNTHESIS_SHARE) -> Plan:
+    """The schedule for a run of `budget` (in the unit of `costs`) from nothing synthesized,
+    `share` of it synthesizing. `batch_size` and `steps` are the method's own per round; names
+    in `fixed` (batch_size, steps) are the user's and kept, as is a given `steps_per_round`."""
+    synthesis = share * budget
     if "steps" not in fixed:
         afford = synthesis / (MIN_SAMPLES_PER_CLASS * num_classes * costs.inversion)
         steps = max(1, min(steps, max(MIN_STEPS, math.floor(afford))))
@@ -118,14 +122,15 @@ def plan_run(costs: Costs, budget: float, num_classes: int, *, batch_size: int, 
 
 
 def replan_steps_per_round(plan: Plan, costs: Costs, remaining: float, synthesized: float,
-                           spent: float, samples: int | None = None) -> int:
+                           spent: float, samples: int | None = None,
+                           share: float = SYNTHESIS_SHARE) -> int:
     """Student steps until the next round, from the costs measured so far: the rounds the
     remaining synthesis share still affords, and the student's share of the remaining budget
     split between them, evenly or, given the set's size now (`samples`), in proportion to the
-    set's size at each gap ahead. `synthesized` and `spent` are the seconds spent so far on
-    synthesis and in all."""
+    set's size at each gap ahead; `share` of the whole budget synthesizes. `synthesized` and
+    `spent` are the seconds spent so far on synthesis and in all."""
     total = spent + remaining
-    synthesis_left = max(0.0, SYNTHESIS_SHARE * total - synthesized)
+    synthesis_left = max(0.0, share * total - synthesized)
     round_cost = plan.batch_size * plan.steps * costs.inversion
     rounds_left = max(1, math.floor(synthesis_left / round_cost))
     student_steps = max(0.0, remaining - rounds_left * round_cost) / costs.student_step
