@@ -90,6 +90,14 @@ def test_distill_from_config_file_with_overrides(capsys, tmp_path, digits_teache
         "--out", str(tmp_path / "s2"), "--seed", "3", "--no-progress")
     report = json.loads((tmp_path / "s2" / "report.json").read_text())
     assert report["method"] == "noise" and report["seed"] == 3 and report["steps"] == 4
+    # the config names the teacher: no --teacher needed, and a spec flag alone amends it
+    _ok(capsys, "distill", "--config", str(s / "config.yaml"), "--out", str(tmp_path / "s3"),
+        "--num-classes", "10", "--no-progress")
+    report = json.loads((tmp_path / "s3" / "report.json").read_text())
+    assert report["teacher"] == str(digits_teacher) and report["steps"] == 4
+    assert "num_classes: 10" in (tmp_path / "s3" / "config.yaml").read_text()
+    err = _error(capsys, "distill", "--method", "noise", "--out", str(tmp_path / "s4"))
+    assert err == "dfkd: error: --teacher is required (or --config with a config that names it)"
 
 
 def test_bad_augmentation_in_a_config_file_fails_before_any_work(capsys, tmp_path,

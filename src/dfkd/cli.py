@@ -66,8 +66,8 @@ def add_options(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         name = prefix + f.name
         flag = meta["flag"] or "--" + name.replace("_", "-")
         kw = {"dest": name, "default": S, "help": _with_default(meta["help"], f)}
-        if kind is TeacherArgs:
-            p.add_argument(flag, required=True, help=meta["help"])
+        if kind is TeacherArgs:  # required, unless --config names it (see `_config`)
+            p.add_argument(flag, dest=name, default=S, help=meta["help"])
             add_options(p, TeacherArgs)
             continue
         if kind is bool:
@@ -182,7 +182,29 @@ def _config(cls, args, flags: dict):
     from dfkd.config import load_config
 
     cfg = load_config(cls, args.config) if getattr(args, "config", None) else cls()
-    return dataclasses.replace(cfg, **flags)
+    cfg = dataclasses.replace(cfg, **flags)
+    return _with_teacher(cfg, args, flags)
+
+
+def _with_teacher(cfg, args, flags: dict):
+    """`cfg` with its model (`--teacher`, `--model`) from the flags or else the --config file,
+    the spec flags given alone (`--arch`, `--mean`...) applied to the file's; a one-line error
+    where neither names one."""
+    from dfkd.config import TeacherArgs
+
+    for f in dataclasses.fields(cfg):
+        model, meta = getattr(cfg, f.name), f.metadata.get("cli")
+        if not isinstance(model, TeacherArgs) or meta is None:
+            continue
+        if f.name not in flags:
+            spec = {g.name: getattr(args, g.name) for g in dataclasses.fields(TeacherArgs)
+                    if g.name != "path" and hasattr(args, g.name)}
+            model = dataclasses.replace(model, **spec)
+            cfg = dataclasses.replace(cfg, **{f.name: model})
+        if not model.path:
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            raise DfkdError(f"{flag} is required (or --config with a config that names it)")
+    return cfg
 
 
 def _flags(args, cls) -> dict:
