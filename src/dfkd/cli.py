@@ -66,7 +66,7 @@ def add_options(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         name = prefix + f.name
         flag = meta["flag"] or "--" + name.replace("_", "-")
         kw = {"dest": name, "default": S, "help": _with_default(meta["help"], f)}
-        if kind is TeacherArgs:  # required, unless --config names it (see `_config`)
+        if kind is TeacherArgs:  # required, unless --config names it (`_with_teacher`)
             p.add_argument(flag, dest=name, default=S, help=meta["help"])
             add_options(p, TeacherArgs)
             continue
