@@ -32,7 +32,6 @@ from dfkd.config import (
     RELABELS,
     SCHEDULES,
     STUDENT_INITS,
-    SYNTHESIS_SHARE,
     Budget,
     DistillConfig,
     TeacherArgs,
@@ -146,7 +145,7 @@ def split_settings(entry: str, opts: dict) -> tuple[dict, dict]:
     """An entry's keys split into method options and its distill settings, the settings checked
     and parsed: {'steps': '3', 'schedule': 'fixed'} -> ({'steps': '3'}, {'schedule': 'fixed'})."""
     settings = {}
-    for key in opts.keys() & ENTRY_SETTINGS.keys():
+    for key in [k for k in opts if k in ENTRY_SETTINGS]:  # in the entry's order
         kind = ENTRY_SETTINGS[key]
         try:
             if isinstance(kind, tuple):
@@ -332,9 +331,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
-                             schedule=settings.get("schedule", cfg.schedule),
-                             relabel=settings.get("relabel", cfg.relabel),
-                             synthesis_share=settings.get("synthesis_share", SYNTHESIS_SHARE),
+                             **{"schedule": cfg.schedule, "relabel": cfg.relabel, **settings},
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)
