@@ -9,7 +9,13 @@ import torch
 
 import dfkd.commands.bench as bench
 from dfkd.cli import main
-from dfkd.commands.bench import BenchConfig, resolve_methods, run_bench, with_gaps
+from dfkd.commands.bench import (
+    BenchConfig,
+    entry_settings,
+    resolve_methods,
+    run_bench,
+    with_gaps,
+)
 from dfkd.config import DistillConfig, TeacherArgs, load_config
 from dfkd.engine.distill import distill
 from dfkd.errors import DfkdError
@@ -173,6 +179,9 @@ def test_an_entry_sets_its_own_schedule_side_by_side(tmp_path):
         resolve_methods("deepinv[schedule=nope]")
     with pytest.raises(DfkdError, match="share must be a number between 0 and 1, not '1'"):
         resolve_methods("deepinv[synthesis_share=1]")
+    with pytest.raises(DfkdError, match="expected true or false, not 'maybe'"):
+        resolve_methods("deepinv[compile=maybe]")
+    assert entry_settings("nayer[compile=true;ngf=8]") == {"compile": True}
     cfg = _cfg(tmp_path, methods="deepinv,deepinv[schedule=fixed;relabel=stored],"
                "deepinv[synthesis_share=0.8]", no_anchors=True)
     plain, variant, dearer = run_bench(cfg, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfkd.cli import main
-from dfkd.config import DistillConfig
+from dfkd.config import DistillConfig, TeacherArgs
 
 
 def _ok(capsys, *argv) -> str:
@@ -202,3 +202,14 @@ def test_teacher_flags_build_the_teacher_source():
     teacher = _flags(args, DistillConfig)["teacher"]
     assert (teacher.path, teacher.arch, teacher.mean, teacher.input_shape, teacher.std) == \
         ("w.pt", "lenet5", [0.5], [1, 28, 28], None)
+
+
+def test_compile_is_on_off_or_left_to_the_rule():
+    from dfkd.cli import _flags, build_parser
+
+    def parsed(*extra):
+        args = build_parser().parse_args(["distill", "--teacher", "w.pt", *extra])
+        return _flags(args, DistillConfig).get("compile", "unset")
+
+    assert (parsed(), parsed("--compile"), parsed("--no-compile")) == ("unset", True, False)
+    assert DistillConfig(teacher=TeacherArgs(path="w.pt")).compile is None  # the rule decides

@@ -341,6 +341,35 @@ def test_accelerator_settings_reach_the_teacher(digits_teacher, tmp_path, monkey
     assert report["teacher_acc"] == plain["teacher_acc"]
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit inside dynamo
+@pytest.mark.parametrize("loss", ["kd", "at"])  # at: the loss's feature taps under dynamo
+def test_compile_trains_the_student_as_eager_does(digits_teacher, tmp_path, loss):
+    """--compile runs the student's training steps compiled: the same losses and weights up to
+    rounding, and the saved weights keep the plain module's keys."""
+    set_dir = tmp_path / "set"
+    synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)),
+                                    method_options={"batch_size": 32, "steps": 4},
+                                    num=64, out=str(set_dir), device="cpu"), progress=False)
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        runs[compiled] = distill(_cfg(digits_teacher, out, transfer_set=str(set_dir),
+                                      budget="50steps", loss=loss, compile=compiled),
+                                 progress=False), out
+    (eager, eager_out), (comp, comp_out) = runs[False], runs[True]
+    assert comp["accel"] == "fp32+compile" and comp["steps"] == eager["steps"] == 50
+
+    def losses(out):
+        return [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert losses(comp_out) == pytest.approx(losses(eager_out), rel=1e-3)
+    w_eager = load_file(str(eager_out / "student.safetensors"))
+    w_comp = load_file(str(comp_out / "student.safetensors"))
+    assert w_comp.keys() == w_eager.keys()
+    for k, v in w_eager.items():
+        torch.testing.assert_close(w_comp[k], v, rtol=1e-3, atol=1e-4)
+
+
 def test_synthesize_records_its_accelerator_setting(digits_teacher, tmp_path):
     meta = synthesize_set(SynthesizeConfig(teacher=TeacherArgs(path=str(digits_teacher)),
                                            method="mvn", num=16, out=str(tmp_path / "set"),

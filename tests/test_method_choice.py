@@ -1,7 +1,9 @@
-"""`--method auto`: the method chosen from the teacher by its inversion cost, or by its API."""
+"""`--method auto` and an unset `--compile`: chosen from the teacher by its inversion cost, or by
+its API."""
 
 import torch
 
+import dfkd.engine.method_choice as method_choice
 from dfkd.blackbox.teacher import BlackBoxTeacher, LocalAPI
 from dfkd.commands.bench import resolve_methods, suite_default
 from dfkd.commands.suites import SUITES
@@ -9,6 +11,7 @@ from dfkd.config import DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
 from dfkd.engine.method_choice import (
     CHEAP_INVERSION_FLOPS,
+    choose_compile,
     choose_method,
     choose_transfer_set_method,
     inversion_flops,
@@ -31,6 +34,33 @@ def test_a_cheap_teacher_gets_deepinv_a_dear_one_nayer_an_api_its_own(digits_tea
     assert choose_transfer_set_method(BlackBoxTeacher(LocalAPI(teacher)))[0] == "db3kd"
 
 
+def test_compile_is_chosen_for_a_dear_teacher_where_the_device_can_build(digits_teacher,
+                                                                          monkeypatch):
+    cpu = torch.device("cpu")
+    teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
+    compiled, why = choose_compile(teacher, cpu)
+    assert not compiled and "too little to repay compiling" in why
+    assert choose_compile(BlackBoxTeacher(LocalAPI(teacher)), cpu)[0] is False
+    with torch.random.fork_rng():
+        resnet = new_classifier("resnet20a", InputSpec((3, 32, 32), (0.5,), (0.5,), 10))
+    resnet = resnet.eval().requires_grad_(False)
+    monkeypatch.setattr(method_choice, "compile_backend_missing", lambda device: "")
+    assert choose_compile(resnet, cpu) == (True, choose_method(resnet)[1])
+    monkeypatch.setattr(method_choice, "compile_backend_missing",
+                        lambda device: "no C++ compiler found (set CXX)")
+    compiled, why = choose_compile(resnet, cpu)
+    assert not compiled and why == "no C++ compiler found (set CXX); the run stays eager"
+
+
+def test_the_backend_check_agrees_with_compiling():
+    """The check says the CPU backend is missing exactly where inductor cannot build."""
+    try:
+        built = torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).sum().item() == 9
+    except Exception:
+        built = False
+    assert (method_choice.compile_backend_missing(torch.device("cpu")) == "") == built
+
+
 def test_the_choice_leaves_the_random_state_alone(digits_teacher):
     teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
     state = torch.get_rng_state()
@@ -46,6 +76,7 @@ def test_distill_without_a_method_reports_what_auto_chose(digits_teacher, tmp_pa
     assert cfg.method == "auto"
     r = distill(cfg, progress=False)
     assert r["method"] == "deepinv" and "MFLOPs per image" in r["method_choice"]
+    assert r["accel"] == "fp32" and "too little to repay compiling" in r["compile_choice"]
 
 
 def test_bench_default_is_what_auto_chooses_for_the_suite_teacher():

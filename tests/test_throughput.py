@@ -196,3 +196,11 @@ def test_compile_keeps_bn_hooks_firing():
     torch.testing.assert_close(got, [h.loss for h in synth.bn_hooks], rtol=1e-4, atol=1e-4)
     batch = synth.synthesize(None, 0)
     assert torch.isfinite(batch["x"]).all() and synth.teacher_passes == 4 * 2 + 4
+
+
+def test_the_students_training_view_is_compiled_only_when_asked():
+    student = throughput_teacher("lenet5", torch.device("cpu"))
+    assert Accel().training_view(student) is student
+    view = Accel(compile=True).training_view(student)
+    assert view is not student and view._orig_mod is student  # compiled lazily, on first call
+    assert [p for p in view.parameters()] == [p for p in student.parameters()]

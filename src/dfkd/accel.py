@@ -1,9 +1,10 @@
-"""Accelerator settings for a frozen teacher: bf16 autocast, channels_last, torch.compile.
+"""Accelerator settings: bf16 autocast, channels_last, torch.compile.
 
 Synthesis spends nearly all its time in teacher forward/backward passes, so these settings are
 where speed comes from on a GPU. They change how the teacher runs, never what it computes beyond
 rounding: the BatchNorm prior is measured in float32 (see `dfkd.hooks.BNStatsHook`) and BN
-forward hooks keep firing under `torch.compile`.
+forward hooks keep firing under `torch.compile`. `compile` also compiles the student's training
+passes (not its evaluation), which on a CPU pays for a ResNet-sized pair (docs/teachers.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dfkd.config import PRECISIONS
 from dfkd.errors import DfkdError, require_one_of
@@ -54,20 +56,33 @@ class Accel:
             classifier.net = classifier.net.to(memory_format=torch.channels_last)
         if self.compile:
             # imported here: torch._dynamo adds about a second to `import dfkd`
-            from torch._dynamo import config as dynamo_config
             from torch._dynamo.eval_frame import OptimizedModule
 
             if not isinstance(classifier.net, OptimizedModule):
-                # Process-wide dynamo setting: a correct BN prior beats a cheaper guard check.
-                dynamo_config.skip_nnmodule_hook_guards = False
-                classifier.net = torch.compile(classifier.net)
+                classifier.net = _compiled(classifier.net)
         return classifier
+
+    def training_view(self, student: Classifier) -> nn.Module:
+        """What the student's training passes call: the student itself, or with `compile` a
+        compiled view of it. The view shares the student's parameters and buffers, so the
+        optimizer, checkpoints, evaluation and the saved weights keep using the plain module
+        (and its plain state_dict keys)."""
+        return _compiled(student) if self.compile else student
 
     def autocast(self, device: torch.device | str) -> contextlib.AbstractContextManager:
         """bf16 autocast on the device's type for precision 'bf16', else a no-op context."""
         if self.precision == "bf16":
             return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    from torch._dynamo import config as dynamo_config
+
+    # Process-wide dynamo setting: hooks added or removed later (a BN prior, a loss's feature
+    # taps) recompile instead of being silently skipped; correctness beats a cheaper guard check.
+    dynamo_config.skip_nnmodule_hook_guards = False
+    return torch.compile(module)
 
 
 def pick_device(name: str) -> torch.device:

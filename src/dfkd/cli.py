@@ -70,8 +70,8 @@ def add_options(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
             p.add_argument(flag, dest=name, default=S, help=meta["help"])
             add_options(p, TeacherArgs)
             continue
-        if kind is bool:
-            kw["action"] = "store_true"
+        if kind is bool:  # unset (None) means "decided by a rule": --flag / --no-flag
+            kw["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
         elif kind is dict:
             kw.update(type=_key_value, action="append", metavar=meta["metavar"] or "KEY=VALUE")
         else:

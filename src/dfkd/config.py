@@ -40,6 +40,15 @@ def synthesis_share(value) -> float:
                         "it is the share of the budget spent synthesizing")
     return share
 
+def on_off(value) -> bool:
+    """'true'/'false' (also 1/0, on/off, yes/no) as a bool, or the one-line error."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "on", "yes"):
+        return True
+    if text in ("false", "0", "off", "no"):
+        return False
+    raise DfkdError(f"expected true or false, not '{value}'")
+
 # where the student's weights start (dfkd.student.start), and how an online method's batch
 # moves them (dfkd.student.update), here for the same reason
 STUDENT_INITS = ("auto", "random", "teacher")
@@ -209,12 +218,16 @@ class DistillConfig:
     steps_per_round: int | None = option(None, "student steps between synthesis rounds "
                                          "(default: the schedule's)")
     checkpoint_seconds: float = 30.0  # at most this much work is redone after a kill
-    # how the teacher runs (dfkd.accel). They speed up a GPU; on the 2-core CPU here none pays
-    # for LeNet-5 (docs/teachers.md, "Devices")
+    # how the teacher (and, compiled, the student's steps) run (dfkd.accel). bf16 and
+    # channels_last are for a GPU; compile pays on this CPU too, for a ResNet-sized teacher
+    # (docs/teachers.md, "Devices")
     precision: str = option("fp32", "bf16: synthesis and the teacher's relabelling under "
                             "autocast (GPU)", choices=PRECISIONS)
     channels_last: bool = option(False, "run the teacher in channels_last memory format (GPU)")
-    compile: bool = option(False, "run the teacher through torch.compile")
+    compile: bool | None = option(None, "run the teacher and the student's training steps "
+                                  "through torch.compile (--no-compile: never); unset, where "
+                                  "the teacher's inversion step costs more than 50 MFLOPs per "
+                                  "image and the device has a compiler")
 
 
 def to_dict(cfg) -> dict:

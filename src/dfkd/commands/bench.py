@@ -36,6 +36,7 @@ from dfkd.config import (
     DistillConfig,
     TeacherArgs,
     load_config,
+    on_off,
     option,
     save_config,
     synthesis_share,
@@ -60,8 +61,9 @@ class BenchConfig:
     suite: str = option("digits", "the benchmark suite", choices=SUITE_NAMES)
     methods: str = option("all", "all, default, or names like deepinv,noise; NAME[key=value;...] "
                           "adds a variant with its own options (a row of its own; schedule=, "
-                          "relabel= and synthesis_share= set those for the row alone, e.g. "
-                          "default[schedule=proportional]); the real-data anchors kd_real and "
+                          "relabel=, synthesis_share= and compile= set those for the row alone, "
+                          "e.g. default[schedule=proportional]); the real-data anchors kd_real "
+                          "and "
                           "scratch_real run too, unless --no-anchors")
     budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
                                 "digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
@@ -138,7 +140,8 @@ def split_variant(entry: str) -> tuple[str, dict]:
 # distill settings an entry may set for its own row (NAME[schedule=proportional]), so that two
 # settings run side by side, seed by seed, in one table: their choices, or what parses them.
 # Every other key is a method option
-ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS, "synthesis_share": synthesis_share}
+ENTRY_SETTINGS = {"schedule": SCHEDULES, "relabel": RELABELS, "synthesis_share": synthesis_share,
+                  "compile": on_off}
 
 
 def split_settings(entry: str, opts: dict) -> tuple[dict, dict]:

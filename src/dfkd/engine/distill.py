@@ -15,11 +15,13 @@ exactly what the killed one would have done. """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.accel import Accel, pick_device
@@ -36,7 +38,7 @@ from dfkd.config import (
 )
 from dfkd.data import augment
 from dfkd.engine.batch_source import StoredSet, method_source
-from dfkd.engine.method_choice import AUTO, choose_method
+from dfkd.engine.method_choice import AUTO, choose_compile, choose_method
 from dfkd.engine.run_state import RunState
 from dfkd.errors import DfkdError
 from dfkd.evaluate import load_eval_data, metrics, model_asr, predict_logits
@@ -110,11 +112,15 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     require_choice(cfg, "schedule", SCHEDULES)
     require_choice(cfg, "relabel", RELABELS)
     synthesis_share(cfg.synthesis_share)
-    accel = Accel.of(cfg)
+    Accel.of(cfg)  # a bad setting fails before the teacher is loaded
     device = pick_device(cfg.device)
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     black_box = is_black_box(teacher)
     check_start(cfg, black_box)
+    compiled, compile_choice = compile_setting(cfg, teacher, device)
+    accel = dataclasses.replace(Accel.of(cfg), compile=compiled)
+    if compile_choice and progress:
+        tqdm.write(f"--compile unset: {'on' if compiled else 'off'} ({compile_choice})")
     eval_name = resolve_eval_dataset(cfg, teacher)
     evaluator = Evaluator(eval_name, teacher, cfg.data_root, cfg.eval_trigger)
     torch.manual_seed(cfg.seed)
@@ -215,6 +221,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     source.plan(cfg, budget, teacher, student, state,
                 say=tqdm.write if progress else lambda line: None)
 
+    trained = accel.training_view(student)  # the student as its plain steps call it
     round_start = [0.0]  # perf_counter when the running synthesis call began
     if synth and budget.seconds is not None:
         synth.clock = Clock(budget.seconds,
@@ -303,7 +310,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             elif defense and defense.weighs_loss:
                 loss = defense.student_loss(crit, student, x, teacher_logits, batch)
             else:
-                loss = student_loss(crit, student, x, teacher_logits, batch, gen,
+                loss = student_loss(crit, trained, x, teacher_logits, batch, gen,
                                     source.samples or 0)
             if not torch.isfinite(loss):
                 checkpoint()
@@ -343,13 +350,15 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
                     {"dfkd_method": method, "dfkd_teacher": str(cfg.teacher.path)})
     crit.remove()
     report = build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                          state, passes(), source, synth, device, base_lr, start,
+                          state, passes(), source, synth, device, accel, base_lr, start,
                           parts=(crit, synth, update, defense, teacher if black_box else None))
     report["ended_by"] = ended_by
     if loss_fallback:
         report["student_loss_fallback"] = loss_fallback
     if choice:
         report["method_choice"] = choice
+    if compile_choice:
+        report["compile_choice"] = compile_choice
     write_report(report, out)
     if source.last_x is not None:
         save_samples(source.last_x, out / "samples.png", f"{method}: synthesized inputs",
@@ -359,17 +368,28 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     return report
 
 
-def student_loss(crit: StudentLoss, student: Classifier, x: torch.Tensor,
+def student_loss(crit: StudentLoss, student: nn.Module, x: torch.Tensor,
                  teacher_logits: torch.Tensor | None, batch: dict, gen: torch.Generator,
                  set_size: int) -> torch.Tensor:
     """The run's student loss on one batch: the student's forward with the loss's layers tapped.
-    `set_size` is the transfer set's current size (CRD's memory), `gen` the run's RNG."""
+    `student` is the Classifier or its compiled view, `set_size` the transfer set's current size
+    (CRD's memory), `gen` the run's RNG."""
     if teacher_logits is None and crit.name != "ce":
         raise DfkdError(f"this method's batches carry true labels and no teacher logits, so "
                         f"student loss '{crit.name}' cannot apply; leave --loss unset")
     with crit.capture("student"):
         logits = student(x)
     return crit(logits, teacher_logits, batch, set_size=set_size, gen=gen)
+
+
+def compile_setting(cfg: DistillConfig, teacher, device: torch.device) -> tuple[bool, str]:
+    """--compile as given, else the rule's choice with its reason. Runs with a backdoor defence
+    or LRA stay eager unless asked: their extra passes were never measured compiled."""
+    if cfg.compile is not None:
+        return cfg.compile, ""
+    if cfg.defense != "none" or cfg.update != "plain":
+        return False, "a defence or a student update of its own: eager unless --compile"
+    return choose_compile(teacher, device)
 
 
 def requested_start(cfg: DistillConfig, synth) -> str:
@@ -416,7 +436,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def build_report(cfg, method, budget, temperature, teacher, student, evaluator, final,
-                 state: RunState, teacher_passes, source, synth, device, lr, start,
+                 state: RunState, teacher_passes, source, synth, device, accel, lr, start,
                  parts) -> dict:
     """report.json: the run's numbers, then what each of its parts (student loss, method,
     student update, defence) reports of itself."""
@@ -435,7 +455,7 @@ def build_report(cfg, method, budget, temperature, teacher, student, evaluator, 
         "samples": source.samples, "temperature": temperature,
         "passes_over_set": round(state.set_passes, 2) if source.samples is not None else None,
         "student_ece": final.get("ece"), "teacher_ece": t.get("ece"),
-        "device": str(device), "accel": Accel.of(cfg).label, "torch": torch.__version__,
+        "device": str(device), "accel": accel.label, "torch": torch.__version__,
         "python": platform.python_version(), "dfkd_commit": code_revision(),
         "machine_gflops": matmul_gflops(device),  # after the budget: it costs the run nothing
         "method_options": dict(vars(synth.opts)) if synth else {},

@@ -1,5 +1,5 @@
-"""`--method auto`, the default: the method chosen from the teacher by a documented rule, never
-from a suite's name.
+"""`--method auto` and `--compile` unset, the defaults: the method, and whether to compile, chosen
+from the teacher by a documented rule, never from a suite's name.
 
 The rule follows what a CPU budget buys (BENCHMARKS.md, "The default: one rule for every
 suite"). Where one inversion step of the teacher is cheap (at most CHEAP_INVERSION_FLOPS per
@@ -9,6 +9,11 @@ student; where it is dear (the CIFAR ResNets), amortized synthesis (nayer) is fa
 is counted in FLOPs on the teacher's own input, not timed, so the choice is the same on every
 machine and at every budget. A teacher behind an API has no FLOPs to count and no gradients:
 dfme where it answers with probabilities, db3kd where it gives decisions only.
+
+torch.compile follows the same count: compiling costs tens of seconds at the start, and the
+passes of a dear teacher and its student run faster by more than that within minutes
+(BENCHMARKS.md, "torch.compile on a CPU"), while a cheap one's never repay it. It needs a backend
+for the device (a C++ compiler on a CPU, Triton on a GPU); without one the run stays eager.
 """
 
 from __future__ import annotations
@@ -47,3 +52,36 @@ def choose_transfer_set_method(teacher) -> tuple[str, str]:
     method that keeps one) for every API, dfme keeping none."""
     method, why = choose_method(teacher)
     return ("db3kd", why) if getattr(teacher, "access", None) else (method, why)
+
+
+def compile_backend_missing(device: torch.device) -> str:
+    """Why torch.compile cannot build for `device` here, or '' where it can."""
+    from torch._dynamo import is_dynamo_supported
+
+    if not is_dynamo_supported():
+        return "torch.compile does not support this Python"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "no Triton for the GPU"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # inductor's own search failed: no usable C++ compiler
+        return "no C++ compiler found (set CXX)"
+    return ""
+
+
+def choose_compile(teacher, device: torch.device) -> tuple[bool, str]:
+    """Whether an unset `--compile` compiles this teacher and its student, and why."""
+    if getattr(teacher, "access", None):
+        return False, "a black-box API: only the student runs here"
+    flops = inversion_flops(teacher)
+    if flops <= CHEAP_INVERSION_FLOPS:
+        return False, (f"an inversion step costs {flops / 1e6:.1f} MFLOPs per image, too little "
+                       "to repay compiling")
+    missing = compile_backend_missing(device)
+    if missing:
+        return False, f"{missing}; the run stays eager"
+    return True, f"an inversion step costs {flops / 1e6:.1f} MFLOPs per image"
