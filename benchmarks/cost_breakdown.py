@@ -6,9 +6,12 @@ teacher forward without gradients (labelling, relabelling), teacher forward and 
 input (an inversion step), student forward and backward (a student step without the teacher),
 a generator's forward and backward at two widths (the generator methods' extra work), and last
 the teacher's no-grad forward again with nayer's BatchNorm prior hooked on it, as it is during a
-nayer or fast run (what its hooks add to every relabelling).
+nayer or fast run (what its hooks add to every relabelling). With `--compile`, then that forward
+and the student step again under torch.compile as `dfkd distill --compile` runs them, each with
+the seconds its first call took to compile.
 
-    python benchmarks/cost_breakdown.py --teacher ../shared/models/cifar10/resnet20-12fca82f.th
+    python benchmarks/cost_breakdown.py \
+        --teacher ../shared/models/cifar10/resnet20-12fca82f.th [--compile]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+from dfkd.accel import Accel
 from dfkd.models.classifier import load_classifier, new_classifier
 from dfkd.synthesis import create_synthesizer
 from dfkd.synthesis.generative import build_generator
@@ -38,6 +42,7 @@ def main() -> None:
     p.add_argument("--student", default="resnet8a")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the compiled passes")
     a = p.parse_args()
     teacher = load_classifier(a.teacher, arch=a.arch, mean=(0.485, 0.456, 0.406),
                               std=(0.229, 0.224, 0.225)).eval()
@@ -74,6 +79,22 @@ def main() -> None:
     create_synthesizer("nayer", teacher, {}, seed=0)  # hooks the teacher's BatchNorm layers
     print(f"  {per_image_ms(relabel, a.batch, a.repeats):7.3f}  teacher forward, no grad, "
           "with nayer's BatchNorm prior hooked")
+    if a.compile:
+        accel = Accel(compile=True)
+        accel.prepare(teacher)
+        view = accel.training_view(student)
+
+        def compiled_step():
+            student.zero_grad()
+            view(x).logsumexp(1).sum().backward()
+
+        for name, fn in (("teacher forward, no grad, nayer's prior hooked", relabel),
+                         ("student forward + backward", compiled_step)):
+            start = time.perf_counter()
+            fn()  # compiles
+            compiling = time.perf_counter() - start
+            print(f"  {per_image_ms(fn, a.batch, a.repeats):7.3f}  {name}, compiled "
+                  f"({compiling:.1f} s compiling)")
 
 
 if __name__ == "__main__":

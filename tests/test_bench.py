@@ -183,8 +183,10 @@ def test_an_entry_sets_its_own_schedule_side_by_side(tmp_path):
         resolve_methods("deepinv[compile=maybe]")
     assert entry_settings("nayer[compile=true;ngf=8]") == {"compile": True}
     cfg = _cfg(tmp_path, methods="deepinv,deepinv[schedule=fixed;relabel=stored],"
-               "deepinv[synthesis_share=0.8]", no_anchors=True)
+               "deepinv[synthesis_share=0.8]", no_anchors=True, compile=False)
     plain, variant, dearer = run_bench(cfg, progress=False)
+    assert load_config(DistillConfig, bench.Path(plain["run_dir"]) / "config.yaml"
+                       ).compile is False  # the bench's --no-compile reaches every row
     assert plain["plan"]["schedule"] == "planned" and variant["plan"]["schedule"] == "fixed"
     assert "schedule" not in variant["method_options"]
     assert variant["method_options"]["steps"] == plain["method_options"]["steps"] == 3

@@ -95,6 +95,10 @@ class BenchConfig:
     relabel: str = option("teacher", "the targets of every transfer-set method's augmented "
                           "batches: the teacher's on each batch, or the stored ones blended",
                           choices=RELABELS)
+    compile: bool | None = option(None, "every row's teacher and student steps through "
+                                  "torch.compile (--no-compile: none); unset, as `dfkd distill` "
+                                  "decides for the suite's teacher (tables measured before "
+                                  "commit e31d29f ran eager: extend them with --no-compile)")
     poison: str = option("", "a backdoor trigger (dfkd.backdoor, e.g. badnets:target=0): every "
                          "suite teacher is poisoned with it (trained so, or a published one "
                          "fine-tuned so), and every run reports teacher and student attack "
@@ -113,8 +117,8 @@ class BenchConfig:
 
 # Settings that must match for records to share one table; methods and seeds may grow on rerun.
 _FIXED = ("suite", "budget", "data_root", "teacher_epochs", "device", "eval_points",
-          "method_options", "loss", "student_init", "schedule", "relabel", "poison", "access",
-          "query_budget")
+          "method_options", "loss", "student_init", "schedule", "relabel", "compile", "poison",
+          "access", "query_budget")
 # fine-tuning a published teacher to poison it (train-teacher --init), unless --teacher-epochs
 POISON_FINETUNE = {"epochs": 10, "lr": 0.01}
 # train-teacher options added after teachers were first cached: at their defaults they stay out
@@ -334,7 +338,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, command: str = "") -> 
                              method_options=options_for(method, cfg, suite),
                              loss="" if method in ANCHORS else cfg.loss,
                              student=suite.student, student_init=cfg.student_init,
-                             **{"schedule": cfg.schedule, "relabel": cfg.relabel, **settings},
+                             **{"schedule": cfg.schedule, "relabel": cfg.relabel,
+                                "compile": cfg.compile, **settings},
                              out=str(run_dir), budget=cfg.budget,
                              seed=seed, device=cfg.device, eval_dataset=suite.dataset,
                              data_root=cfg.data_root, eval_points=cfg.eval_points)

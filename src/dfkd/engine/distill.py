@@ -121,6 +121,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     accel = dataclasses.replace(Accel.of(cfg), compile=compiled)
     if compile_choice and progress:
         tqdm.write(f"--compile unset: {'on' if compiled else 'off'} ({compile_choice})")
+    if compiled and compile_choice:
+        # chosen by the rule, not asked for: what inductor fails to build runs eager (with
+        # torch's warning) instead of ending the run
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.suppress_errors = True
     eval_name = resolve_eval_dataset(cfg, teacher)
     evaluator = Evaluator(eval_name, teacher, cfg.data_root, cfg.eval_trigger)
     torch.manual_seed(cfg.seed)
