@@ -140,8 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, BenchConfig)
     p.add_argument("--steps", type=int, default=3, help="throughput: optimization steps timed")
     p.add_argument("--batch-size", type=int, default=256, help="throughput: images per batch")
-    p.add_argument("--compile", action="store_true", help="throughput: also time torch.compile "
-                   "(CUDA)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--config", help="YAML config (a benchmark's bench.yaml); flags override it")
 
@@ -320,7 +318,7 @@ def _bench(args, progress: bool, command: str) -> None:
         from dfkd.commands.throughput import run_throughput, throughput_markdown
 
         records = run_throughput(getattr(args, "out", "runs/throughput"), steps=args.steps,
-                                 batch_size=args.batch_size, compile=args.compile,
+                                 batch_size=args.batch_size, compile=args.compile is True,
                                  progress=progress)
         print(throughput_markdown(records))
         return

@@ -98,7 +98,8 @@ class BenchConfig:
     compile: bool | None = option(None, "every row's teacher and student steps through "
                                   "torch.compile (--no-compile: none); unset, as `dfkd distill` "
                                   "decides for the suite's teacher (tables measured before "
-                                  "commit e31d29f ran eager: extend them with --no-compile)")
+                                  "commit e31d29f ran eager: extend them with --no-compile); "
+                                  "the throughput suite: --compile also times compiled cases")
     poison: str = option("", "a backdoor trigger (dfkd.backdoor, e.g. badnets:target=0): every "
                          "suite teacher is poisoned with it (trained so, or a published one "
                          "fine-tuned so), and every run reports teacher and student attack "
