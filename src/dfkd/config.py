@@ -40,6 +40,7 @@ def synthesis_share(value) -> float:
                         "it is the share of the budget spent synthesizing")
     return share
 
+
 def on_off(value) -> bool:
     """'true'/'false' (also 1/0, on/off, yes/no) as a bool, or the one-line error."""
     text = str(value).strip().lower()
@@ -48,6 +49,7 @@ def on_off(value) -> bool:
     if text in ("false", "0", "off", "no"):
         return False
     raise DfkdError(f"expected true or false, not '{value}'")
+
 
 # where the student's weights start (dfkd.student.start), and how an online method's batch
 # moves them (dfkd.student.update), here for the same reason

@@ -63,8 +63,7 @@ class BenchConfig:
                           "adds a variant with its own options (a row of its own; schedule=, "
                           "relabel=, synthesis_share= and compile= set those for the row alone, "
                           "e.g. default[schedule=proportional]); the real-data anchors kd_real "
-                          "and "
-                          "scratch_real run too, unless --no-anchors")
+                          "and scratch_real run too, unless --no-anchors")
     budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
                                 "digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
                                 "cifar10-r56)")
