@@ -7,7 +7,7 @@ import dfkd.engine.method_choice as method_choice
 from dfkd.blackbox.teacher import BlackBoxTeacher, LocalAPI
 from dfkd.commands.bench import resolve_methods, suite_default
 from dfkd.commands.suites import SUITES
-from dfkd.config import DistillConfig, TeacherArgs
+from dfkd.config import Budget, DistillConfig, TeacherArgs
 from dfkd.engine.distill import distill
 from dfkd.engine.method_choice import (
     CHEAP_INVERSION_FLOPS,
@@ -46,6 +46,11 @@ def test_compile_is_chosen_for_a_dear_teacher_where_the_device_can_build(digits_
     resnet = resnet.eval().requires_grad_(False)
     monkeypatch.setattr(method_choice, "compile_backend_missing", lambda device: "")
     assert choose_compile(resnet, cpu) == (True, choose_method(resnet)[1])
+    # a clock too short to win the compiling back stays eager; a long one or a step budget not
+    assert choose_compile(resnet, cpu, Budget.parse("2m")) == (
+        False, "a budget under 5 minutes, too short to repay compiling")
+    assert choose_compile(resnet, cpu, Budget.parse("5m"))[0] is True
+    assert choose_compile(resnet, cpu, Budget.parse("100steps"))[0] is True
     monkeypatch.setattr(method_choice, "compile_backend_missing",
                         lambda device: "no C++ compiler found (set CXX)")
     compiled, why = choose_compile(resnet, cpu)
@@ -59,6 +64,18 @@ def test_the_backend_check_agrees_with_compiling():
     except Exception:
         built = False
     assert (method_choice.compile_backend_missing(torch.device("cpu")) == "") == built
+
+
+def test_the_inversion_cost_is_counted_once_per_teacher(digits_teacher, monkeypatch):
+    teacher = load_classifier(digits_teacher).eval().requires_grad_(False)
+    counted = []
+    count = method_choice.count_flops
+    monkeypatch.setattr(method_choice, "count_flops", lambda fn: counted.append(1) or count(fn))
+    choose_method(teacher)
+    choose_compile(teacher, torch.device("cpu"))
+    assert inversion_flops(teacher) < CHEAP_INVERSION_FLOPS and len(counted) == 1
+    other = load_classifier(digits_teacher).eval().requires_grad_(False)
+    assert inversion_flops(other) == inversion_flops(teacher) and len(counted) == 2
 
 
 def test_the_choice_leaves_the_random_state_alone(digits_teacher):

@@ -117,7 +117,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     teacher = cfg.teacher.load().to(device).eval().requires_grad_(False)
     black_box = is_black_box(teacher)
     check_start(cfg, black_box)
-    compiled, compile_choice = compile_setting(cfg, teacher, device)
+    compiled, compile_choice = compile_setting(cfg, teacher, device, budget)
     accel = dataclasses.replace(Accel.of(cfg), compile=compiled)
     if compile_choice and progress:
         tqdm.write(f"--compile unset: {'on' if compiled else 'off'} ({compile_choice})")
@@ -388,14 +388,15 @@ def student_loss(crit: StudentLoss, student: nn.Module, x: torch.Tensor,
     return crit(logits, teacher_logits, batch, set_size=set_size, gen=gen)
 
 
-def compile_setting(cfg: DistillConfig, teacher, device: torch.device) -> tuple[bool, str]:
+def compile_setting(cfg: DistillConfig, teacher, device: torch.device, budget: Budget
+                    ) -> tuple[bool, str]:
     """--compile as given, else the rule's choice with its reason. Runs with a backdoor defence
     or LRA stay eager unless asked: their extra passes were never measured compiled."""
     if cfg.compile is not None:
         return cfg.compile, ""
     if cfg.defense != "none" or cfg.update != "plain":
         return False, "a defence or a student update of its own: eager unless --compile"
-    return choose_compile(teacher, device)
+    return choose_compile(teacher, device, budget)
 
 
 def requested_start(cfg: DistillConfig, synth) -> str:

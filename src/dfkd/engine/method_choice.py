@@ -12,28 +12,41 @@ dfme where it answers with probabilities, db3kd where it gives decisions only.
 
 torch.compile follows the same count: compiling costs tens of seconds at the start, and the
 passes of a dear teacher and its student run faster by more than that within minutes
-(BENCHMARKS.md, "torch.compile on a CPU"), while a cheap one's never repay it. It needs a backend
-for the device (a C++ compiler on a CPU, Triton on a GPU); without one the run stays eager.
+(BENCHMARKS.md, "torch.compile on a CPU"), while a cheap one's never repay it, nor does a
+wall-clock budget too short to win the compiling time back. It needs a backend for the device (a
+C++ compiler on a CPU, Triton on a GPU); without one the run stays eager.
 """
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 
+from dfkd.config import Budget
 from dfkd.engine.plan import count_flops, inversion_step
 
 AUTO = "auto"
 CHEAP_INVERSION_FLOPS = 50e6  # per image; the suites' teachers: 2-11 MFLOPs (cheap), 162+ dear
 CHEAP, DEAR = "deepinv", "nayer"
+# Compiling a ResNet-20 teacher and its student takes 30-50 s on a 2-core CPU, after which a
+# step costs two thirds of an eager one: a wall clock pays back after about 2 minutes.
+MIN_COMPILE_SECONDS = 300
 RULE = (f"{CHEAP} for a teacher whose inversion step costs at most "
         f"{CHEAP_INVERSION_FLOPS / 1e6:.0f} MFLOPs per image, {DEAR} above; dfme for a black-box "
         "API with probabilities, db3kd for one with decisions only")
 
 
+_counted: WeakKeyDictionary = WeakKeyDictionary()
+
+
 def inversion_flops(teacher) -> float:
-    """FLOPs of one inversion step (forward and backward to the input) per image."""
-    x = torch.zeros(2, *teacher.spec.shape, device=teacher.mean.device)
-    return count_flops(lambda: inversion_step(teacher, x)) / 2
+    """FLOPs of one inversion step (forward and backward to the input) per image, counted once
+    per teacher (both choices ask)."""
+    if teacher not in _counted:
+        x = torch.zeros(2, *teacher.spec.shape, device=teacher.mean.device)
+        _counted[teacher] = count_flops(lambda: inversion_step(teacher, x)) / 2
+    return _counted[teacher]
 
 
 def choose_method(teacher) -> tuple[str, str]:
@@ -73,14 +86,19 @@ def compile_backend_missing(device: torch.device) -> str:
     return ""
 
 
-def choose_compile(teacher, device: torch.device) -> tuple[bool, str]:
-    """Whether an unset `--compile` compiles this teacher and its student, and why."""
+def choose_compile(teacher, device: torch.device, budget: Budget | None = None
+                   ) -> tuple[bool, str]:
+    """Whether an unset `--compile` compiles this teacher and its student, and why. A step
+    budget compiles as a long one would: it fixes the work, and compiling only shortens it."""
     if getattr(teacher, "access", None):
         return False, "a black-box API: only the student runs here"
     flops = inversion_flops(teacher)
     if flops <= CHEAP_INVERSION_FLOPS:
         return False, (f"an inversion step costs {flops / 1e6:.1f} MFLOPs per image, too little "
                        "to repay compiling")
+    if budget is not None and budget.seconds is not None and budget.seconds < MIN_COMPILE_SECONDS:
+        return False, (f"a budget under {MIN_COMPILE_SECONDS // 60} minutes, too short to repay "
+                       "compiling")
     missing = compile_backend_missing(device)
     if missing:
         return False, f"{missing}; the run stays eager"
