@@ -29,8 +29,8 @@ from dfkd.engine.plan import count_flops, inversion_step
 AUTO = "auto"
 CHEAP_INVERSION_FLOPS = 50e6  # per image; the suites' teachers: 2-11 MFLOPs (cheap), 162+ dear
 CHEAP, DEAR = "deepinv", "nayer"
-# Compiling a ResNet-20 teacher and its student takes 30-50 s on a 2-core CPU, after which a
-# step costs two thirds of an eager one: a wall clock pays back after about 2 minutes.
+# A first compiled cifar10-r20 run (nothing in inductor's cache) loses to eager at 90 s and 3
+# minutes and wins at 10 (BENCHMARKS.md, "Short budgets: where compiling pays").
 MIN_COMPILE_SECONDS = 300
 RULE = (f"{CHEAP} for a teacher whose inversion step costs at most "
         f"{CHEAP_INVERSION_FLOPS / 1e6:.0f} MFLOPs per image, {DEAR} above; dfme for a black-box "
