@@ -100,5 +100,8 @@ def test_bench_default_is_what_auto_chooses_for_the_suite_teacher():
     assert suite_default(SUITES["digits"]) == "deepinv"
     assert suite_default(SUITES["mnist-mlp"]) == "deepinv"
     assert suite_default(SUITES["cifar10-r20"]) == "nayer"
+    # the ResNets trained on MNIST sit on either side of the threshold, counted at one channel
+    assert suite_default(SUITES["mnist-r8"]) == "deepinv"
+    assert suite_default(SUITES["mnist-r14"]) == "nayer"
     assert resolve_methods("default,noise", "nayer") == ["kd_real", "scratch_real", "nayer",
                                                          "noise"]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dfkd.blackbox.launch import served
 from dfkd.blackbox.wire import ACCESS
-from dfkd.commands.suites import SUITE_NAMES, SUITES, Suite, published_file
+from dfkd.commands.suites import DATASET_CHANNELS, SUITE_NAMES, SUITES, Suite, published_file
 from dfkd.commands.train_teacher import TeacherConfig, train_teacher
 from dfkd.config import (
     DEFENSES,
@@ -65,8 +65,8 @@ class BenchConfig:
                           "e.g. default[schedule=proportional]); the real-data anchors kd_real "
                           "and scratch_real run too, unless --no-anchors")
     budget: str | None = option(None, "per method and seed (default: the suite's: 60s for "
-                                "digits, 5m for mnist, 10m for mnist-mlp and cifar10-r20, 30m for "
-                                "cifar10-r56)")
+                                "digits, 5m for mnist, mnist-r8 and mnist-r14, 10m for mnist-mlp "
+                                "and cifar10-r20, 30m for cifar10-r56)")
     seeds: int = option(3, "seeds 0..N-1, one teacher per seed")
     out: str = option("runs/bench", "the benchmark's directory")
     data_root: str | None = option(None, "the suite dataset's files (not for digits)")
@@ -195,7 +195,7 @@ def parse_entry(entry: str) -> tuple[str, dict, str, str]:
 def suite_default(suite: Suite) -> str:
     """The method `--method auto` chooses for the suite's teacher (its architecture decides,
     so an untrained copy does; dfkd.engine.method_choice)."""
-    shape = default_input_shape(suite.teacher)
+    shape = (DATASET_CHANNELS[suite.dataset], *default_input_shape(suite.teacher)[1:])
     with torch.random.fork_rng(devices=[]):
         net = build_net(suite.teacher, 10, shape)
     spec = InputSpec(shape, (0.5,), (0.5,), 10)

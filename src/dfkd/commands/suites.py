@@ -46,6 +46,12 @@ SUITES = {
     "mnist": Suite("mnist", "lenet5", "lenet5_half", "5m"),
     # an MLP teacher (784-512-256-10, BatchNorm1d) trained on the MNIST files -> half its widths
     "mnist-mlp": Suite("mnist", "mlp", "mlp_half", "10m"),
+    # ResNets trained on the MNIST files, their inversion steps (about 47 and 104 MFLOPs) between
+    # the cheap teachers above and the CIFAR ResNets below, on either side of the auto rule's
+    # threshold: ResNet-8 -> LeNet-5-half (another family, a random start), ResNet-14 -> ResNet-8
+    # (a shallower copy)
+    "mnist-r8": Suite("mnist", "resnet8a", "lenet5_half", "5m"),
+    "mnist-r14": Suite("mnist", "resnet14a", "resnet8a", "5m"),
     # the published ResNet-20 -> the 8-layer ResNet of the same family: a shallower copy, so the
     # student may start from the teacher's first block of each stage
     "cifar10-r20": Suite("cifar10", "resnet20a", "resnet8a", "10m", published=Published(
@@ -58,6 +64,7 @@ SUITES = {
     "cifar100": Suite("cifar100", "resnet34", "resnet18", "1h"),
 }
 SUITE_NAMES = (*SUITES, "throughput")
+DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar100": 3}
 
 
 def models_root(given: str | None) -> Path:
