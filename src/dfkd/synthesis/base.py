@@ -89,6 +89,14 @@ class Synthesizer:
         z.requires_grad_(True)
         return gen, y, z, torch.optim.Adam([z], lr=lr, betas=(0.5, 0.99))
 
+    def in_pixel_range(self, x: torch.Tensor) -> torch.Tensor:
+        """x (normalized space) clamped to the [0, 1] pixel range in the forward pass, the
+        gradient passed straight through: a generator's objective then sees what is stored, and
+        pixels beyond the range can still be pulled back."""
+        lo = self.teacher.normalize(torch.zeros(1, device=x.device))
+        hi = self.teacher.normalize(torch.ones(1, device=x.device))
+        return x + (torch.maximum(torch.minimum(x, hi), lo) - x).detach()
+
     def clamp_to_image_(self, z: torch.Tensor) -> None:
         """Keep inputs optimized in normalized space inside the [0, 1] pixel range (in place,
         after every optimizer step)."""

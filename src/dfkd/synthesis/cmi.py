@@ -195,7 +195,6 @@ class CMI(Synthesizer):
         self.padding = o.crop_padding if o.crop_padding >= 0 else max(1, h // 8)
         self.flip = flip_choice(o.flip, teacher.spec.dataset)
         self.black = teacher.normalize(torch.zeros(1, device=self.device))
-        self.white = teacher.normalize(torch.ones(1, device=self.device))
         init = torch.Generator(self.device).manual_seed(self.batch_seed(-1))
         self.head = _build(lambda: ProjectionHead(max(self.feature_dim, 1), o.head_dim),
                            self.device, init)
@@ -218,7 +217,7 @@ class CMI(Synthesizer):
             for _ in range(o.steps):
                 if self.should_stop():
                     break
-                x = self._to_pixel_range(net(z))
+                x = self.in_pixel_range(net(z))
                 loss, features = self.loss(x, y, adversary, gen)
                 if loss.item() < best_loss:  # x and its features before this step's update
                     best_loss, best_x, best_features = loss.item(), x.detach(), features
@@ -231,7 +230,7 @@ class CMI(Synthesizer):
                 self.teacher_passes += o.batch_size * (2 if self.feature_hooks else 1)
         if best_x is None:  # stopped before the first step: G's first output
             with torch.no_grad():
-                best_x = self._to_pixel_range(net(z))
+                best_x = self.in_pixel_range(net(z))
         if best_features is not None:
             self.bank.add(best_features)
         x = self.stored_pixels(best_x)
@@ -265,10 +264,6 @@ class CMI(Synthesizer):
     def _features(self) -> torch.Tensor:
         return torch.cat([instance_means(h.value) for h in self.feature_hooks], 1)
 
-    def _to_pixel_range(self, x: torch.Tensor) -> torch.Tensor:
-        """Clamp to the [0, 1] pixel range in the forward pass, gradient passed straight through."""
-        clamped = torch.maximum(torch.minimum(x, self.white), self.black)
-        return x + (clamped - x).detach()
 
     def report(self) -> dict:
         return {"feature_dim": self.feature_dim, "bank_entries": len(self.bank)}

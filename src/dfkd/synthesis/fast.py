@@ -15,6 +15,10 @@ lr_g * g_steps as the reference. BN_momentum matches the teacher's running stati
 momentum average (0.9) of the current batch's statistics and those of past rounds, so one batch
 need not carry the whole data distribution. The adversarial term starts after `warmup` rounds.
 
+G writes the teacher's normalized input space (the reference ends in a sigmoid); its output is
+clamped to the [0, 1] pixel range in the forward pass, gradient passed straight through, so the
+teacher judges exactly the image that is stored (nayer.py says what goes wrong otherwise).
+
 On a CPU, G is 16 channels wide instead of the reference's 64 (`ngf` = 0 resolves by device):
 at 64 a generator step costs several teacher passes there (BENCHMARKS.md "Where a CIFAR second
 goes").
@@ -206,7 +210,7 @@ class Fast(Synthesizer):
         for _ in range(o.g_steps):
             if self.should_stop():
                 break
-            g = fast(z)
+            g = self.in_pixel_range(fast(z))
             x = random_roll(g, self.jitter, gen)
             t_logits = t.net(x)
             s_logits = judge.net(x) if judge is not None else None

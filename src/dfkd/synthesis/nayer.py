@@ -28,7 +28,11 @@ of a round in the generator, not the teacher (BENCHMARKS.md "Where a CIFAR secon
 
 Other departures from the reference code, by necessity of a budgeted engine:
 - G is the toolkit's generator (generators.py), writing the teacher's normalized input space
-  (the reference ends in a sigmoid and normalizes); the stored images are clamped to [0, 1].
+  (the reference ends in a sigmoid and normalizes). Its output is clamped to the [0, 1] pixel
+  range in the forward pass, gradient passed straight through, so the teacher judges what is
+  stored: on a teacher whose inputs are mostly black (MNIST), G otherwise writes below black,
+  the teacher reads the class there, and the stored, clamped image is another class
+  (BENCHMARKS.md, "mnist-r8 and mnist-r14").
 - The reference trains no student during 20 warm-up epochs of 10 batches each; here the student
   trains from the first round (the engine's schedule), and `warmup` only delays the adversarial
   term, counted in rounds. `g_life` counts rounds too: the reference's 10 epochs of 2 batches.
@@ -186,7 +190,7 @@ class Nayer(Synthesizer):
             for _ in range(o.g_steps):
                 if self.should_stop():
                     break
-                g = self.G(y)
+                g = self.in_pixel_range(self.G(y))
                 x = self._view(g, gen)
                 t_logits = t.net(x)
                 s_logits = judge.net(x) if judge is not None else None
