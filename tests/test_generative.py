@@ -143,6 +143,31 @@ def test_batch_is_valid_fresh_and_reproducible(teacher, student, method):
     assert student.training and all(p.grad is None for p in student.parameters())
 
 
+@pytest.mark.parametrize("method", ["fast", "nayer"])
+def test_the_teacher_judges_only_pixels_that_can_be_stored(teacher, student, method):
+    """The generator writes the normalized space unbounded; the teacher must see it clamped to
+    the pixel range, or its class is read where the stored (clamped) image has none."""
+    synth = create_synthesizer(method, teacher, _opts(method), seed=0)
+    lo, hi = teacher.normalize(torch.zeros(1)).item(), teacher.normalize(torch.ones(1)).item()
+    seen = []
+    hook = teacher.net.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        synth.synthesize(student, 0)
+    finally:
+        hook.remove()
+    assert seen and all(x.min() >= lo - 1e-6 and x.max() <= hi + 1e-6 for x in seen)
+
+
+def test_the_pixel_range_clamps_forward_and_passes_the_gradient_through(teacher):
+    synth = create_synthesizer("nayer", teacher, _opts("nayer"), seed=0)
+    lo, hi = teacher.normalize(torch.zeros(1)).item(), teacher.normalize(torch.ones(1)).item()
+    x = torch.tensor([lo - 1.0, 0.5 * (lo + hi), hi + 1.0], requires_grad=True)
+    y = synth.in_pixel_range(x)
+    assert torch.allclose(y.detach(), torch.tensor([lo, 0.5 * (lo + hi), hi]))
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize("method,g_steps", [("dafl", 10), ("dfq", 10), ("zskt", 1), ("dfad", 2),
                                             ("mad", 2), ("rdskd", 4)])
 def test_generator_schedule(teacher, student, method, g_steps):
