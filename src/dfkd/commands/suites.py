@@ -46,7 +46,7 @@ SUITES = {
     "mnist": Suite("mnist", "lenet5", "lenet5_half", "5m"),
     # an MLP teacher (784-512-256-10, BatchNorm1d) trained on the MNIST files -> half its widths
     "mnist-mlp": Suite("mnist", "mlp", "mlp_half", "10m"),
-    # ResNets trained on the MNIST files, their inversion steps (about 47 and 104 MFLOPs) between
+    # ResNets trained on the MNIST files, their inversion steps (48 and 104 MFLOPs) between
     # the cheap teachers above and the CIFAR ResNets below, on either side of the auto rule's
     # threshold: ResNet-8 -> LeNet-5-half (another family, a random start), ResNet-14 -> ResNet-8
     # (a shallower copy)

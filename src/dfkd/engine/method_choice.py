@@ -6,17 +6,17 @@ suite"). Where one inversion step of the teacher is cheap enough (at most CHEAP_
 per image, forward and backward to the input: LeNet-5, the MNIST MLP, the digits CNN and the
 MNIST ResNets of the mnist-r8/-r14 suites all are), per-sample inversion (deepinv) spends the
 budget on well-matched samples and gives the best student; where it is dear (the CIFAR ResNets),
-amortized synthesis (nayer) is far ahead. The cost
-is counted in FLOPs on the teacher's own input, not timed, so the choice is the same on every
-machine and at every budget. A teacher behind an API has no FLOPs to count and no gradients:
-dfme where it answers with probabilities, db3kd where it gives decisions only.
+amortized synthesis (nayer) is far ahead. The cost is counted in FLOPs on the teacher's own
+input, not timed, so the choice is the same on every machine and at every budget. A teacher
+behind an API has no FLOPs to count and no gradients: dfme where it answers with probabilities,
+db3kd where it gives decisions only.
 
 torch.compile follows the same count, with its own threshold (MIN_COMPILE_FLOPS): compiling
-costs tens of seconds at the start, and the
-passes of a dear teacher and its student run faster by more than that within minutes
-(BENCHMARKS.md, "torch.compile on a CPU"), while a cheap one's never repay it, nor does a
-wall-clock budget too short to win the compiling time back. It needs a backend for the device (a
-C++ compiler on a CPU, Triton on a GPU); without one the run stays eager.
+costs tens of seconds at the start, and the passes of a dear teacher and its student run faster
+by more than that within minutes (BENCHMARKS.md, "torch.compile on a CPU"), while a cheap one's
+never repay it, nor does a wall-clock budget too short to win the compiling time back. It needs
+a backend for the device (a C++ compiler on a CPU, Triton on a GPU); without one the run stays
+eager.
 """
 
 from __future__ import annotations

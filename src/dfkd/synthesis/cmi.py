@@ -264,7 +264,6 @@ class CMI(Synthesizer):
     def _features(self) -> torch.Tensor:
         return torch.cat([instance_means(h.value) for h in self.feature_hooks], 1)
 
-
     def report(self) -> dict:
         return {"feature_dim": self.feature_dim, "bank_entries": len(self.bank)}
 

@@ -32,7 +32,7 @@ Other departures from the reference code, by necessity of a budgeted engine:
   range in the forward pass, gradient passed straight through, so the teacher judges what is
   stored: on a teacher whose inputs are mostly black (MNIST), G otherwise writes below black,
   the teacher reads the class there, and the stored, clamped image is another class
-  (BENCHMARKS.md, "mnist-r8 and mnist-r14").
+  (BENCHMARKS.md, "Between the cheap and the dear: `mnist-r14`").
 - The reference trains no student during 20 warm-up epochs of 10 batches each; here the student
   trains from the first round (the engine's schedule), and `warmup` only delays the adversarial
   term, counted in rounds. `g_life` counts rounds too: the reference's 10 epochs of 2 batches.
